@@ -1,0 +1,170 @@
+"""Routed adapter layers: the shared router plumbing, MoELoRA and HydraLoRA.
+
+Every routed layer has a dense per-token router `phi(x) = softmax(R x + g[group])`, `R (k x d_in)`
+Kaiming-uniform, no bias, and (with `group_routing`) a learned per-group logit bias `g`, zero at
+init so routing starts exactly as the paper's. Router maths runs in float32.
+
+After each forward a routed layer keeps its load-balancing loss (masked to real tokens):
+    usage_e = mean over real tokens of w_e,   loss = mean_e (usage_e - mean_e' usage_e')^2
+and, inside `record_routing`, adds its probabilities and weights to the recorder.
+
+MoELoRA (Liu et al. 2023), as published: k independent rank-(r/k) LoRAs, `w = phi` (sums to 1),
+    y = base(x) + (alpha / r) * sum_i w_i B_i A_i dropout(x).
+HydraLoRA (Tian et al. 2024): one shared `A (r x d_in)`, k full-rank `B_i (d_out x r)`,
+    y = base(x) + (alpha / r) * sum_i w_i B_i A dropout(x).
+The A_i of MoELoRA are stored stacked as one `lora_A (r x d_in)` and the B_i side by side as one
+`lora_B`, so `fused` runs one GEMM per side; `loop` runs one matmul per expert (MoELoRA's form).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AdapterConfig
+from .lora import AdapterLayer, kaiming_uniform
+from .routing import LayerRoutingStats, current_routing, in_backward
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def balance_loss(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Spread of mean expert usage over the real tokens: weights (N, k), mask (N,) or None."""
+    if mask is None:
+        usage = weights.mean(0)
+    else:
+        real = mask.to(weights.dtype)
+        usage = (weights * real[:, None]).sum(0) / real.sum().clamp_min(1.0)
+    return (usage - usage.mean()).pow(2).mean()
+
+
+class RoutedAdapterLayer(AdapterLayer):
+    """Router, routing inputs, balance loss and recording shared by the routed methods."""
+
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, generator: torch.Generator):
+        super().__init__(base_layer, config)
+        self.num_experts = k = config.num_experts
+        self.router = self._param(kaiming_uniform((k, self.in_features), self.in_features, generator))
+        self.group_bias = self._param(torch.zeros(config.num_token_groups, k)) if config.group_routing else None
+        self.balance_loss: torch.Tensor | None = None
+        self.recorder: LayerRoutingStats | None = None
+        self._last_routing = None  # routing inputs of the last ordinary forward, for replays
+
+    def _routing_inputs(self, x: torch.Tensor):
+        """(groups, mask), each (N,) or None, for the N tokens of x."""
+        replay = in_backward()
+        inputs = current_routing()
+        if inputs is None and replay:
+            inputs = self._last_routing  # checkpoint replay, maybe on another thread
+        elif not replay:
+            self._last_routing = inputs
+        if inputs is None:
+            return None, None
+        return inputs.for_tokens(x.shape[:-1], x.device)
+
+    def router_probs(self, logits: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+        """phi = softmax(R x [+ g[group]]) in float32; logits (N, k)."""
+        logits = logits.float()
+        if self.group_bias is not None and groups is not None:
+            logits = logits + self.group_bias.float()[groups]
+        return logits.softmax(-1)
+
+    def _observe(self, probs: torch.Tensor, weights: torch.Tensor, groups, mask) -> None:
+        """Keep the balance loss of this forward; feed the recorder. A checkpoint replay computes
+        the loss again (non-reentrant checkpointing checks that it saves the same tensors) but
+        keeps nothing."""
+        wants_loss = self.config.balance_weight > 0
+        if wants_loss and self.training and not torch.is_grad_enabled():
+            _warn_once("balance loss skipped: a training-mode forward ran without grad. Reentrant "
+                       "gradient checkpointing cannot carry a side loss; use use_reentrant=False")
+        loss = balance_loss(weights, mask) if wants_loss and torch.is_grad_enabled() else None
+        if in_backward():
+            return
+        self.balance_loss = loss
+        if self.recorder is not None:
+            self.recorder.add(probs.detach(), weights.detach(), groups, mask)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", experts={self.num_experts}, group_routing={self.group_bias is not None}"
+
+
+class MoELoRALinear(RoutedAdapterLayer):
+    """MoELoRA: k rank-(r/k) LoRAs mixed by softmax router weights, scaling alpha / r."""
+
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, generator: torch.Generator):
+        super().__init__(base_layer, config, generator)
+        self.expert_rank = config.expert_rank
+        self.dropout = nn.Dropout(config.dropout)
+        self.lora_A = self._param(kaiming_uniform((config.r, self.in_features), self.in_features, generator))
+        self.lora_B = self._param(torch.zeros(self.out_features, config.r))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        groups, mask = self._routing_inputs(x)
+        xa = x.to(self.lora_A.dtype)
+        probs = self.router_probs(F.linear(xa, self.router).reshape(-1, self.num_experts), groups)
+        self._observe(probs, probs, groups, mask)
+        xd = self.dropout(xa)
+        scale = (probs * self.scaling).to(xa.dtype).view(*x.shape[:-1], self.num_experts)
+        if self.config.implementation == "loop":
+            for i in range(self.num_experts):
+                rows = slice(i * self.expert_rank, (i + 1) * self.expert_rank)
+                z_i = F.linear(xd, self.lora_A[rows]) * scale[..., i : i + 1]
+                result = result + F.linear(z_i, self.lora_B[:, rows]).to(result.dtype)
+            return result
+        z = F.linear(xd, self.lora_A).unflatten(-1, (self.num_experts, self.expert_rank))
+        return self._add_update(result, (z * scale.unsqueeze(-1)).flatten(-2), self.lora_B)
+
+    def delta_weight(self, expert_weights) -> torch.Tensor:
+        w = fixed_expert_weights(expert_weights, self.num_experts, self.lora_B.device).repeat_interleave(self.expert_rank)
+        return self.scaling * (self.lora_B.float() * w) @ self.lora_A.float()
+
+
+class HydraLoRALinear(RoutedAdapterLayer):
+    """HydraLoRA: shared rank-r A, k full-rank B's mixed by softmax weights, scaling alpha / r."""
+
+    def __init__(self, base_layer: nn.Module, config: AdapterConfig, generator: torch.Generator):
+        super().__init__(base_layer, config, generator)
+        self.dropout = nn.Dropout(config.dropout)
+        self.lora_A = self._param(kaiming_uniform((config.r, self.in_features), self.in_features, generator))
+        # [B_1 ... B_k] side by side: expert i owns columns i*r .. (i+1)*r
+        self.lora_B = self._param(torch.zeros(self.out_features, self.num_experts * config.r))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        groups, mask = self._routing_inputs(x)
+        xa = x.to(self.lora_A.dtype)
+        probs = self.router_probs(F.linear(xa, self.router).reshape(-1, self.num_experts), groups)
+        self._observe(probs, probs, groups, mask)
+        z = F.linear(self.dropout(xa), self.lora_A) * self.scaling
+        scale = probs.to(z.dtype).view(*x.shape[:-1], self.num_experts)
+        r = self.config.r
+        if self.config.implementation == "loop":
+            for i in range(self.num_experts):
+                h_i = F.linear(z, self.lora_B[:, i * r : (i + 1) * r]) * scale[..., i : i + 1]
+                result = result + h_i.to(result.dtype)
+            return result
+        # sum_i w_i B_i z = [B_1 ... B_k] (w (x) z): one r*k -> d_out GEMM
+        zw = (scale.unsqueeze(-1) * z.unsqueeze(-2)).flatten(-2)
+        return self._add_update(result, zw, self.lora_B)
+
+    def delta_weight(self, expert_weights) -> torch.Tensor:
+        w = fixed_expert_weights(expert_weights, self.num_experts, self.lora_B.device).repeat_interleave(self.config.r)
+        return self.scaling * (self.lora_B.float() * w) @ self.lora_A.float().repeat(self.num_experts, 1)
+
+
+def fixed_expert_weights(expert_weights, k: int, device: torch.device) -> torch.Tensor:
+    w = torch.as_tensor(expert_weights, dtype=torch.float32, device=device).flatten()
+    if w.numel() != k or not torch.isfinite(w).all():
+        raise ValueError(f"expert_weights must be {k} finite numbers, got {expert_weights!r}")
+    return w
