@@ -13,7 +13,8 @@ MoELoRA (Liu et al. 2023), as published: k independent rank-(r/k) LoRAs, `w = ph
 HydraLoRA (Tian et al. 2024): one shared `A (r x d_in)`, k full-rank `B_i (d_out x r)`,
     y = base(x) + (alpha / r) * sum_i w_i B_i A dropout(x).
 The A_i of MoELoRA are stored stacked as one `lora_A (r x d_in)` and the B_i side by side as one
-`lora_B`, so `fused` runs one GEMM per side; `loop` runs one matmul per expert (MoELoRA's form).
+`lora_B`, so `fused` runs one GEMM per side; `loop` runs one matmul per expert (MoELoRA's
+published form, which also draws dropout per expert; fused and loop agree exactly at dropout 0).
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ class RoutedAdapterLayer(AdapterLayer):
         keeps nothing."""
         wants_loss = self.config.balance_weight > 0
         if wants_loss and self.training and not torch.is_grad_enabled():
-            _warn_once("balance loss skipped: a training-mode forward ran without grad. Reentrant "
-                       "gradient checkpointing cannot carry a side loss; use use_reentrant=False")
+            _warn_once("balance loss not computed: a training-mode forward ran without grad. If this "
+                       "is reentrant gradient checkpointing, the balance loss cannot flow through it; "
+                       "use use_reentrant=False")
         loss = balance_loss(weights, mask) if wants_loss and torch.is_grad_enabled() else None
         if in_backward():
             return
@@ -114,15 +116,16 @@ class MoELoRALinear(RoutedAdapterLayer):
         xa = x.to(self.lora_A.dtype)
         probs = self.router_probs(F.linear(xa, self.router).reshape(-1, self.num_experts), groups)
         self._observe(probs, probs, groups, mask)
-        xd = self.dropout(xa)
         scale = (probs * self.scaling).to(xa.dtype).view(*x.shape[:-1], self.num_experts)
         if self.config.implementation == "loop":
+            # the published structure: each expert is its own LoRA, with its own dropout draw,
+            # and its d_out-wide output is scaled by s * w_i
             for i in range(self.num_experts):
                 rows = slice(i * self.expert_rank, (i + 1) * self.expert_rank)
-                z_i = F.linear(xd, self.lora_A[rows]) * scale[..., i : i + 1]
-                result = result + F.linear(z_i, self.lora_B[:, rows]).to(result.dtype)
+                h_i = F.linear(F.linear(self.dropout(xa), self.lora_A[rows]), self.lora_B[:, rows])
+                result = result + (h_i * scale[..., i : i + 1]).to(result.dtype)
             return result
-        z = F.linear(xd, self.lora_A).unflatten(-1, (self.num_experts, self.expert_rank))
+        z = F.linear(self.dropout(xa), self.lora_A).unflatten(-1, (self.num_experts, self.expert_rank))
         return self._add_update(result, (z * scale.unsqueeze(-1)).flatten(-2), self.lora_B)
 
     def delta_weight(self, expert_weights) -> torch.Tensor:
