@@ -41,7 +41,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
@@ -67,9 +67,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, format: str = "
     if format != "mm_teamlora":
         raise ValueError(f"format={format!r}; allowed: mm_teamlora, peft")
     tensors = _to_cpu(adapter_state_dict(model))
-    _atomic_write(os.path.join(directory, WEIGHTS_FILE),
+    atomic_write(os.path.join(directory, WEIGHTS_FILE),
                   lambda p: save_file(tensors, p, metadata={"format": "pt", "method": config.method}))
-    _atomic_write(os.path.join(directory, CONFIG_FILE), lambda p: open(p, "w").write(config.to_json() + "\n"))
+    atomic_write(os.path.join(directory, CONFIG_FILE), lambda p: open(p, "w").write(config.to_json() + "\n"))
     return directory
 
 
@@ -148,8 +148,8 @@ def _save_peft(model: nn.Module, config: AdapterConfig, directory: str, base_nam
         "init_lora_weights": True, "use_rslora": False, "modules_to_save": None,
     }
     tensors = _to_cpu(tensors)
-    _atomic_write(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(directory, CONFIG_FILE),
+    atomic_write(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(os.path.join(directory, CONFIG_FILE),
                   lambda p: open(p, "w").write(json.dumps(peft_config, indent=2) + "\n"))
     return directory
 

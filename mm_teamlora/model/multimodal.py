@@ -1,0 +1,157 @@
+"""The LLaVA-style model: frozen vision tower -> trainable projector -> any HF causal LM.
+
+One wrapper for every backbone: the language model is used only through its public interface
+(`get_input_embeddings`, `forward(inputs_embeds=...)`, `generate(inputs_embeds=...)`), so any
+`AutoModelForCausalLM` works without per-architecture code or patches.
+
+Splicing: a tokenised sample holds one IMAGE_PLACEHOLDER_ID per image; `build_inputs` replaces each
+by that image's `image_token_count` projected feature tokens, re-pads the batch (right for training,
+left for generation), sets labels to IGNORE_INDEX on image positions, and gives every position a
+token group (image patch / text of an image-grounded sample / text of a text-only sample) which,
+with the padding mask, reaches the adapters through `routing_context` on every forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..adapters import AdapterConfig, apply_adapters, checkpoint_context_fn, routing_context
+from ..constants import (GROUP_IMAGE, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE, IGNORE_INDEX, IMAGE_PLACEHOLDER_ID,
+                         NUM_TOKEN_GROUPS)
+from .vision import VisionTower
+
+
+class MultimodalLM(nn.Module):
+    def __init__(self, language_model: nn.Module, vision_tower: VisionTower, projector: nn.Module, config,
+                 tokenizer=None):
+        super().__init__()
+        self.language_model = language_model.requires_grad_(False)
+        self.vision_tower = vision_tower.requires_grad_(False)
+        self.projector = projector.requires_grad_(True)
+        self.config = config  # MultimodalConfig: how to rebuild this model (see builder.py)
+        self.tokenizer = tokenizer
+
+    @property
+    def image_token_count(self) -> int:
+        return self.vision_tower.num_tokens
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_pretrained(self, directory: str) -> str:
+        from .builder import save_multimodal
+
+        return save_multimodal(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "MultimodalLM":
+        from .builder import load_multimodal
+
+        return load_multimodal(directory)
+
+    # -- adapters ----------------------------------------------------------------------------
+    def add_adapters(self, config: AdapterConfig) -> "MultimodalLM":
+        """Adapters go on the language model only; the projector stays trainable, the tower frozen."""
+        if config.group_routing and config.num_token_groups < NUM_TOKEN_GROUPS:
+            raise ValueError(f"group_routing needs num_token_groups >= {NUM_TOKEN_GROUPS} (image, text with "
+                             f"image, text only); got {config.num_token_groups}")
+        apply_adapters(self.language_model, config)
+        self.projector.requires_grad_(True)
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Non-reentrant checkpointing of the LM whose replays re-enter the routing context."""
+        kwargs = {"use_reentrant": False, "context_fn": checkpoint_context_fn}
+        if hasattr(self.language_model, "activation_checkpointing_enable"):
+            self.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    # -- images -> embeddings ----------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, image_token_count, lm_hidden), in the LM's embedding dtype."""
+        features = self.vision_tower(pixel_values)
+        projector_dtype = next(self.projector.parameters()).dtype
+        embed_dtype = self.language_model.get_input_embeddings().weight.dtype
+        return self.projector(features.to(projector_dtype)).to(embed_dtype)
+
+    def build_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                     image_counts: torch.Tensor | None = None, padding_side: str = "right") -> dict:
+        """Splice image features into the token embeddings. Returns inputs_embeds, attention_mask,
+        labels (None if none given) and token_groups, all over the expanded, re-padded sequence."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        real = attention_mask.bool()
+        placeholders = (input_ids == IMAGE_PLACEHOLDER_ID) & real
+        in_text = placeholders.sum(1)
+        if image_counts is None:
+            image_counts = in_text
+        for b in (in_text != image_counts.to(in_text.device)).nonzero().flatten().tolist():
+            raise ValueError(f"sample {b}: {int(in_text[b])} <image> placeholders but {int(image_counts[b])} images")
+        total = int(image_counts.sum())
+        given = 0 if pixel_values is None else pixel_values.shape[0]
+        if given != total:
+            raise ValueError(f"the batch's placeholders need {total} images but pixel_values holds {given}")
+        features = self.encode_images(pixel_values) if total else None
+        embeds = self.language_model.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
+        if features is None and torch.is_grad_enabled() and any(p.requires_grad for p in self.projector.parameters()):
+            # keep the projector in the autograd graph (zero gradient), so every data-parallel
+            # rank reduces the same parameters whether or not its batch holds an image
+            embeds = embeds + 0.0 * sum(p.sum() for p in self.projector.parameters()).to(embeds.dtype)
+
+        rows, next_image = [], 0
+        for b in range(input_ids.shape[0]):
+            keep = real[b].nonzero().flatten()
+            ids, emb = input_ids[b, keep], embeds[b, keep]
+            lab = labels[b, keep] if labels is not None else torch.full_like(ids, IGNORE_INDEX)
+            text_group = GROUP_TEXT_WITH_IMAGE if int(image_counts[b]) > 0 else GROUP_TEXT_ONLY
+            parts_e, parts_l, parts_g, start = [], [], [], 0
+            for p in (ids == IMAGE_PLACEHOLDER_ID).nonzero().flatten().tolist() + [len(ids)]:
+                parts_e.append(emb[start:p])
+                parts_l.append(lab[start:p])
+                parts_g.append(torch.full((p - start,), text_group, device=ids.device))
+                if p < len(ids):
+                    image = features[next_image]
+                    next_image += 1
+                    parts_e.append(image)
+                    parts_l.append(torch.full((image.shape[0],), IGNORE_INDEX, device=ids.device))
+                    parts_g.append(torch.full((image.shape[0],), GROUP_IMAGE, device=ids.device))
+                start = p + 1
+            rows.append((torch.cat(parts_e), torch.cat(parts_l), torch.cat(parts_g)))
+        return _pad_rows(rows, padding_side, labels is not None)
+
+    # -- forward and generation --------------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_counts=None, **kwargs):
+        inputs = self.build_inputs(input_ids, attention_mask, labels, pixel_values, image_counts)
+        with routing_context(inputs["token_groups"], inputs["attention_mask"].bool()):
+            return self.language_model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
+                                       labels=inputs["labels"], **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_counts=None, **kwargs) -> torch.Tensor:
+        """Batched generation with left padding and KV cache; returns only the new token ids.
+        The routing context of the prompt also covers the decode steps, where each new token takes
+        its row's text group (see adapters.routing)."""
+        inputs = self.build_inputs(input_ids, attention_mask, None, pixel_values, image_counts, padding_side="left")
+        if self.tokenizer is not None:
+            kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+            kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        with routing_context(inputs["token_groups"], inputs["attention_mask"].bool()):
+            return self.language_model.generate(inputs_embeds=inputs["inputs_embeds"],
+                                                attention_mask=inputs["attention_mask"], **kwargs)
+
+
+def _pad_rows(rows, padding_side: str, with_labels: bool) -> dict:
+    length = max(e.shape[0] for e, _, _ in rows)
+    batch, hidden = len(rows), rows[0][0].shape[-1]
+    device, dtype = rows[0][0].device, rows[0][0].dtype
+    embeds = torch.zeros(batch, length, hidden, device=device, dtype=dtype)
+    mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=device)
+    groups = torch.full((batch, length), GROUP_TEXT_ONLY, dtype=torch.long, device=device)
+    for b, (e, lab, g) in enumerate(rows):
+        n = e.shape[0]
+        span = slice(length - n, length) if padding_side == "left" else slice(0, n)
+        embeds[b, span], mask[b, span], labels[b, span], groups[b, span] = e, 1, lab, g
+    return {"inputs_embeds": embeds, "attention_mask": mask, "labels": labels if with_labels else None,
+            "token_groups": groups}

@@ -1,0 +1,168 @@
+"""The LLaVA-style wrapper: splicing, modality ids, generation, checkpoints, checkpointing."""
+
+import pytest
+import torch
+
+from mm_teamlora.adapters import AdapterConfig, adapter_layers, record_routing
+from mm_teamlora.constants import (GROUP_IMAGE, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE, IGNORE_INDEX,
+                                   IMAGE_PLACEHOLDER_ID)
+from mm_teamlora.model import MultimodalConfig, MultimodalLM, build_multimodal
+from helpers import randomize_adapters
+from model_helpers import make_batch
+
+TEXTS = ["Describe <image> briefly please.", "A text only question without pictures?", "<image> and <image> differ how?"]
+IMAGES = [[1], [], [2, 3]]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return build_multimodal(MultimodalConfig.preset())
+
+
+def adapted_model(method="teamlora", group_routing=True):
+    model = build_multimodal(MultimodalConfig.preset())
+    model.add_adapters(AdapterConfig(method=method, r=8, num_experts=4, dropout=0.0, group_routing=group_routing))
+    randomize_adapters(model.language_model, seed=3, scale=0.5)
+    return model
+
+
+def test_splicing_positions_labels_and_groups_in_a_mixed_batch(base):
+    ids, mask, pixels, counts = make_batch(base, TEXTS, IMAGES)
+    labels = ids.masked_fill(ids == IMAGE_PLACEHOLDER_ID, IGNORE_INDEX).masked_fill(mask == 0, IGNORE_INDEX)
+    with torch.no_grad():
+        out = base.build_inputs(ids, mask, labels, pixels, counts)
+        features = base.encode_images(pixels)
+        text_embeds = base.language_model.get_input_embeddings()(ids.clamp_min(0))
+    n_img = base.image_token_count
+    lengths = mask.sum(1) + counts * (n_img - 1)
+    assert out["inputs_embeds"].shape[1] == int(lengths.max())
+    assert out["attention_mask"].sum(1).tolist() == lengths.tolist()
+    for b in range(3):
+        row_ids = ids[b, mask[b].bool()].tolist()
+        pos, image = 0, sum(len(s) for s in IMAGES[:b])
+        for token_pos, token in enumerate(row_ids):
+            if token == IMAGE_PLACEHOLDER_ID:
+                span = slice(pos, pos + n_img)
+                assert torch.equal(out["inputs_embeds"][b, span], features[image])
+                assert (out["labels"][b, span] == IGNORE_INDEX).all()
+                assert (out["token_groups"][b, span] == GROUP_IMAGE).all()
+                image, pos = image + 1, pos + n_img
+            else:
+                assert torch.equal(out["inputs_embeds"][b, pos], text_embeds[b, token_pos])
+                assert out["labels"][b, pos] == token
+                assert out["token_groups"][b, pos] == (GROUP_TEXT_WITH_IMAGE if IMAGES[b] else GROUP_TEXT_ONLY)
+                pos += 1
+        assert (out["attention_mask"][b, pos:] == 0).all() and (out["labels"][b, pos:] == IGNORE_INDEX).all()
+
+
+def test_placeholder_and_image_count_mismatches_name_the_sample(base):
+    ids, mask, pixels, counts = make_batch(base, TEXTS, IMAGES)
+    with pytest.raises(ValueError, match="sample 2: 2 <image> placeholders but 1 images"):
+        base(ids, mask, None, pixels[:2], torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match="need 3 images but pixel_values holds 2"):
+        base(ids, mask, None, pixels[:2], counts)
+
+
+def test_text_only_batches_do_not_run_the_vision_tower_but_keep_the_projector_in_the_graph(base):
+    calls = []
+    handle = base.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        ids, mask, pixels, counts = make_batch(base, [TEXTS[1], "Another plain question"], [[], []])
+        assert pixels is None
+        out = base(ids, mask, ids.masked_fill(mask == 0, IGNORE_INDEX), None, counts)
+        out.loss.backward()
+        assert calls == []
+        assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in base.projector.parameters())
+        ids, mask, pixels, counts = make_batch(base, TEXTS, IMAGES)
+        with torch.no_grad():
+            base(ids, mask, None, pixels, counts)
+        assert calls == [1]  # one call for all images of the batch
+    finally:
+        handle.remove()
+        base.projector.zero_grad(set_to_none=True)
+
+
+def test_recorder_sees_every_modality_group_in_every_adapted_layer():
+    model = adapted_model()
+    ids, mask, pixels, counts = make_batch(model, TEXTS, IMAGES)
+    with torch.no_grad(), record_routing(model.language_model) as record:
+        model(ids, mask, None, pixels, counts)
+    n_img = model.image_token_count
+    text_with_image = int(mask[0].sum() - 1 + mask[2].sum() - 2)
+    expected = {GROUP_IMAGE: 3 * n_img, GROUP_TEXT_WITH_IMAGE: text_with_image, GROUP_TEXT_ONLY: int(mask[1].sum())}
+    assert record.layers.keys() == adapter_layers(model.language_model).keys()
+    for stats in record.layers.values():
+        assert {g: s["tokens"] for g, s in stats.summary().items()} == expected
+
+
+@pytest.mark.parametrize("method", ["teamlora", "lora"])
+def test_batched_generation_equals_one_by_one(method):
+    model = adapted_model(method, group_routing=method == "teamlora").eval()
+    ids, mask, pixels, counts = make_batch(model, TEXTS, IMAGES, padding_side="left")
+    batched = model.generate(ids, mask, pixels, counts, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    assert batched.shape == (3, 10)
+    start = 0
+    for b in range(3):
+        one_ids, one_mask, one_pixels, one_counts = make_batch(model, [TEXTS[b]], [IMAGES[b]], padding_side="left")
+        single = model.generate(one_ids, one_mask, one_pixels, one_counts, max_new_tokens=10, do_sample=False,
+                                eos_token_id=None)
+        assert torch.equal(batched[b], single[0]), b
+
+
+def test_sampling_generation_is_seeded(base):
+    ids, mask, pixels, counts = make_batch(base, TEXTS, IMAGES, padding_side="left")
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(base.generate(ids, mask, pixels, counts, max_new_tokens=6, do_sample=True, temperature=1.0))
+    assert torch.equal(*runs)
+
+
+def test_save_and_load_give_identical_logits(tmp_path):
+    model = adapted_model()
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ids, mask, pixels, counts = make_batch(model, TEXTS, IMAGES)
+    with torch.no_grad():
+        expected = model(ids, mask, None, pixels, counts).logits
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"mm_config.json", "projector.safetensors", "adapter_config.json",
+                                                   "adapter_model.safetensors"}
+    loaded = MultimodalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, mask, None, pixels, counts).logits, expected)
+    assert loaded.config == model.config
+
+
+@pytest.mark.parametrize("ids_kind", ["mixed", "text-only"])
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(ids_kind):
+    texts, images = (TEXTS, IMAGES) if ids_kind == "mixed" else ([TEXTS[1], "Plain words only"], [[], []])
+
+    def grads(checkpointing):
+        model = adapted_model().train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        ids, mask, pixels, counts = make_batch(model, texts, images)
+        labels = ids.masked_fill((ids == IMAGE_PLACEHOLDER_ID) | (mask == 0), IGNORE_INDEX)
+        model(ids, mask, labels, pixels, counts).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reference, checkpointed = grads(False), grads(True)
+    assert reference.keys() == checkpointed.keys()
+    assert any("lora_A" in n for n in reference) and any(n.startswith("projector.") for n in reference)
+    for name in reference:
+        torch.testing.assert_close(checkpointed[name], reference[name], rtol=1e-5, atol=1e-7)
+
+
+def test_adapters_go_on_the_language_model_only_and_bad_targets_are_clear():
+    model = build_multimodal(MultimodalConfig.preset())
+    model.add_adapters(AdapterConfig(method="teamlora", r=8, num_experts=4))
+    assert adapter_layers(model.language_model) and not adapter_layers(model.vision_tower)
+    assert not adapter_layers(model.projector)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"language_model", "projector"}
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        build_multimodal(MultimodalConfig.preset()).add_adapters(AdapterConfig(target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="num_token_groups >= 3"):
+        build_multimodal(MultimodalConfig.preset()).add_adapters(AdapterConfig(group_routing=True, num_token_groups=2))
