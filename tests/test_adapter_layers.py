@@ -178,3 +178,18 @@ def test_bf16_training_step_runs_and_keeps_dtypes(method, batch):
     assert torch.isfinite(loss)
     for layer in adapter_layers(model).values():
         assert layer.lora_A.dtype == torch.bfloat16 and layer.lora_A.grad is not None
+
+
+def test_generation_cache_of_the_fused_down_weight_follows_parameter_updates(batch):
+    ids, mask = batch
+    model = adapted(method="teamlora")
+    randomize_adapters(model)
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask).logits
+        for layer in adapter_layers(model).values():
+            layer.lora_A.mul_(1.5)  # an in-place update, like an optimizer step
+            layer.router.add_(0.1)
+        cached = model(input_ids=ids, attention_mask=mask).logits
+    fresh = model(input_ids=ids, attention_mask=mask).logits  # with grad: no cache involved
+    assert not torch.allclose(first, cached)
+    torch.testing.assert_close(cached, fresh.detach())

@@ -56,8 +56,13 @@ class AdapterLayer(nn.Module):
         self.base_layer = base_layer
         self.config = config
         self.scaling = config.scaling
+        self.dropout = nn.Dropout(config.dropout)
         weight = base_layer.weight
         self._factory = {"device": weight.device, "dtype": weight.dtype}
+
+    def _drop(self, t: torch.Tensor) -> torch.Tensor:
+        """Dropout, skipped entirely when it is the identity (eval, or p = 0)."""
+        return self.dropout(t) if self.training and self.dropout.p > 0 else t
 
     def _param(self, value: torch.Tensor) -> nn.Parameter:
         return nn.Parameter(value.to(**self._factory))
@@ -88,14 +93,13 @@ class LoRALinear(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, generator: torch.Generator):
         super().__init__(base_layer, config)
-        self.dropout = nn.Dropout(config.dropout)
         self.lora_A = self._param(kaiming_uniform((config.r, self.in_features), self.in_features, generator))
         self.lora_B = self._param(torch.zeros(self.out_features, config.r))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         # scale the rank-r activations, not the d_out-wide output: same maths, less work
-        z = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A) * self.scaling
+        z = F.linear(self._drop(x.to(self.lora_A.dtype)), self.lora_A) * self.scaling
         return self._add_update(result, z, self.lora_B)
 
     def delta_weight(self, expert_weights=None) -> torch.Tensor:

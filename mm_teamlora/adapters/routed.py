@@ -62,7 +62,8 @@ class RoutedAdapterLayer(AdapterLayer):
         self._last_routing = None  # routing inputs of the last ordinary forward, for replays
 
     def _routing_inputs(self, x: torch.Tensor):
-        """(groups, mask), each (N,) or None, for the N tokens of x."""
+        """(groups, mask, replay): groups and mask (N,) or None for the N tokens of x, and whether
+        this call is a checkpoint replay inside backward."""
         replay = in_backward()
         inputs = current_routing()
         if inputs is None and replay:
@@ -70,8 +71,8 @@ class RoutedAdapterLayer(AdapterLayer):
         elif not replay:
             self._last_routing = inputs
         if inputs is None:
-            return None, None
-        return inputs.for_tokens(x.shape[:-1], x.device)
+            return None, None, replay
+        return (*inputs.for_tokens(x.shape[:-1], x.device), replay)
 
     def router_probs(self, logits: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
         """phi = softmax(R x [+ g[group]]) in float32; logits (N, k)."""
@@ -80,7 +81,7 @@ class RoutedAdapterLayer(AdapterLayer):
             logits = logits + self.group_bias.float()[groups]
         return logits.softmax(-1)
 
-    def _observe(self, probs: torch.Tensor, weights: torch.Tensor, groups, mask) -> None:
+    def _observe(self, probs: torch.Tensor, weights: torch.Tensor, groups, mask, replay: bool) -> None:
         """Keep the balance loss of this forward; feed the recorder. A checkpoint replay computes
         the loss again (non-reentrant checkpointing checks that it saves the same tensors) but
         keeps nothing."""
@@ -90,7 +91,7 @@ class RoutedAdapterLayer(AdapterLayer):
                        "is reentrant gradient checkpointing, the balance loss cannot flow through it; "
                        "use use_reentrant=False")
         loss = balance_loss(weights, mask) if wants_loss and torch.is_grad_enabled() else None
-        if in_backward():
+        if replay:
             return
         self.balance_loss = loss
         if self.recorder is not None:
@@ -106,26 +107,25 @@ class MoELoRALinear(RoutedAdapterLayer):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, generator: torch.Generator):
         super().__init__(base_layer, config, generator)
         self.expert_rank = config.expert_rank
-        self.dropout = nn.Dropout(config.dropout)
         self.lora_A = self._param(kaiming_uniform((config.r, self.in_features), self.in_features, generator))
         self.lora_B = self._param(torch.zeros(self.out_features, config.r))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        groups, mask = self._routing_inputs(x)
+        groups, mask, replay = self._routing_inputs(x)
         xa = x.to(self.lora_A.dtype)
         probs = self.router_probs(F.linear(xa, self.router).reshape(-1, self.num_experts), groups)
-        self._observe(probs, probs, groups, mask)
+        self._observe(probs, probs, groups, mask, replay)
         scale = (probs * self.scaling).to(xa.dtype).view(*x.shape[:-1], self.num_experts)
         if self.config.implementation == "loop":
             # the published structure: each expert is its own LoRA, with its own dropout draw,
             # and its d_out-wide output is scaled by s * w_i
             for i in range(self.num_experts):
                 rows = slice(i * self.expert_rank, (i + 1) * self.expert_rank)
-                h_i = F.linear(F.linear(self.dropout(xa), self.lora_A[rows]), self.lora_B[:, rows])
+                h_i = F.linear(F.linear(self._drop(xa), self.lora_A[rows]), self.lora_B[:, rows])
                 result = result + (h_i * scale[..., i : i + 1]).to(result.dtype)
             return result
-        z = F.linear(self.dropout(xa), self.lora_A).unflatten(-1, (self.num_experts, self.expert_rank))
+        z = F.linear(self._drop(xa), self.lora_A).unflatten(-1, (self.num_experts, self.expert_rank))
         return self._add_update(result, (z * scale.unsqueeze(-1)).flatten(-2), self.lora_B)
 
     def delta_weight(self, expert_weights) -> torch.Tensor:
@@ -138,18 +138,17 @@ class HydraLoRALinear(RoutedAdapterLayer):
 
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, generator: torch.Generator):
         super().__init__(base_layer, config, generator)
-        self.dropout = nn.Dropout(config.dropout)
         self.lora_A = self._param(kaiming_uniform((config.r, self.in_features), self.in_features, generator))
         # [B_1 ... B_k] side by side: expert i owns columns i*r .. (i+1)*r
         self.lora_B = self._param(torch.zeros(self.out_features, self.num_experts * config.r))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        groups, mask = self._routing_inputs(x)
+        groups, mask, replay = self._routing_inputs(x)
         xa = x.to(self.lora_A.dtype)
         probs = self.router_probs(F.linear(xa, self.router).reshape(-1, self.num_experts), groups)
-        self._observe(probs, probs, groups, mask)
-        z = F.linear(self.dropout(xa), self.lora_A) * self.scaling
+        self._observe(probs, probs, groups, mask, replay)
+        z = F.linear(self._drop(xa), self.lora_A) * self.scaling
         scale = probs.to(z.dtype).view(*x.shape[:-1], self.num_experts)
         r = self.config.r
         if self.config.implementation == "loop":

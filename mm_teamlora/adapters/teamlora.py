@@ -32,7 +32,7 @@ class TeamLoRALinear(RoutedAdapterLayer):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, generator: torch.Generator):
         super().__init__(base_layer, config, generator)
         self.expert_rank = config.expert_rank
-        self.dropout = nn.Dropout(config.dropout)
+        self._down_cache = None
         self.lora_A = self._param(kaiming_uniform((config.r, self.in_features), self.in_features, generator))
         # [B_1 ... B_k] side by side: expert i owns columns i*r_b .. (i+1)*r_b
         self.lora_B = self._param(torch.zeros(self.out_features, config.r))
@@ -44,34 +44,44 @@ class TeamLoRALinear(RoutedAdapterLayer):
 
     def expert_weights(self, probs: torch.Tensor) -> torch.Tensor:
         """w from router probabilities phi (N, k), float32; entries sum to k (see module doc)."""
-        v = probs if self.competition is None else probs + probs @ self.competition.float()
+        v = probs if self.competition is None else torch.addmm(probs, probs, self.competition.float())
         if self.config.competition_norm == "reference":
             total = v.sum(-1, keepdim=True)
         else:
-            total = v.abs().sum(-1, keepdim=True).clamp_min(1e-6)
-        return self.num_experts * v / total
+            total = torch.linalg.vector_norm(v, ord=1, dim=-1, keepdim=True).clamp_min(1e-6)
+        return v * (self.num_experts / total)
+
+    def _down_weight(self) -> torch.Tensor:
+        """[A; R] for the fused GEMM. Without grad (generation) the concatenation is cached and
+        rebuilt only when A or R change (an optimizer step or a load bumps their version)."""
+        if torch.is_grad_enabled():
+            return torch.cat([self.lora_A, self.router])
+        key = (self.lora_A._version, self.router._version, self.lora_A.data_ptr(), self.router.data_ptr())
+        if self._down_cache is None or self._down_cache[0] != key:
+            self._down_cache = (key, torch.cat([self.lora_A, self.router]).detach())
+        return self._down_cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        groups, mask = self._routing_inputs(x)
+        groups, mask, replay = self._routing_inputs(x)
         xa = x.to(self.lora_A.dtype)
         r, k = self.config.r, self.num_experts
         if self.config.implementation == "fused":
-            z, logits = F.linear(xa, torch.cat([self.lora_A, self.router])).split([r, k], dim=-1)
+            z, logits = F.linear(xa, self._down_weight()).split([r, k], dim=-1)
         else:
             z, logits = F.linear(xa, self.lora_A), F.linear(xa, self.router)
         probs = self.router_probs(logits.reshape(-1, k), groups)
         weights = self.expert_weights(probs)
-        self._observe(probs, weights, groups, mask)
+        self._observe(probs, weights, groups, mask, replay)
         # s and w_i both scale chunk i, so fold s into w: one (N, k) multiply instead of (N, r)
         scale = (weights * self.scaling).to(z.dtype).view(*x.shape[:-1], k)
         if self.config.implementation == "loop":
             for i in range(k):
                 cols = slice(i * self.expert_rank, (i + 1) * self.expert_rank)
-                h_i = F.linear(self.dropout(z[..., cols]), self.lora_B[:, cols])
+                h_i = F.linear(self._drop(z[..., cols]), self.lora_B[:, cols])
                 result = result + (h_i * scale[..., i : i + 1]).to(result.dtype)
             return result
-        z = self.dropout(z).unflatten(-1, (k, self.expert_rank)) * scale.unsqueeze(-1)
+        z = self._drop(z).unflatten(-1, (k, self.expert_rank)) * scale.unsqueeze(-1)
         return self._add_update(result, z.flatten(-2), self.lora_B)
 
     def delta_weight(self, expert_weights) -> torch.Tensor:

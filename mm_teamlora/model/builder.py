@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class MultimodalConfig:
     language_model: str  # "hf:PATH" | "llava-hf:PATH" | "llava:PATH" | "preset:NAME"
-    vision: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    vision: VisionTowerConfig
     projector_type: str = "mlp2x_gelu"
     projector_init: str | None = None  # LLaVA mm_projector.bin to start the projector from
     dtype: str = "float32"
