@@ -21,7 +21,19 @@ def demo(steps: int = 150, out: str = "runs/adapter-demo", seed: int = 0) -> Non
     run_adapter_demo(steps=steps, out=out, seed=seed)
 
 
-COMMANDS: list[Callable] = [demo]
+def data_check(config: str, out: str = "", tokenizer: str = "", image_token_count: int = 0, rebuild: bool = False,
+               full_decode: bool = False) -> int:
+    """Run a data mixture through the whole pipeline without training; print counts by source and reason.
+
+    Exits 1 when a record fails under `on_error: raise` (or the mixture is empty), 2 on a bad config."""
+    from .data.check import check_mixture
+
+    return check_mixture(config, out=out or None, tokenizer=tokenizer or None,
+                         image_token_count=image_token_count or None, rebuild=rebuild, full_decode=full_decode)
+
+
+# a command is a typed function, or a group of them (`mm-teamlora data check ...`)
+COMMANDS: dict[str, Callable | dict[str, Callable]] = {"demo": demo, "data": {"check": data_check}}
 
 
 def _annotation(fn: Callable, name: str):
@@ -30,10 +42,16 @@ def _annotation(fn: Callable, name: str):
     return args[0] if args else hint
 
 
-def _add_command(subparsers, fn: Callable) -> None:
+def _add_command(subparsers, name: str, fn: Callable | dict) -> None:
+    if isinstance(fn, dict):
+        group = subparsers.add_parser(name, help=f"{name} commands: {', '.join(fn)}")
+        children = group.add_subparsers(required=True, metavar="COMMAND")
+        for child_name, child in fn.items():
+            _add_command(children, child_name, child)
+        return
     doc = inspect.getdoc(fn) or ""
-    parser = subparsers.add_parser(fn.__name__.replace("_", "-"), help=doc.splitlines()[0] if doc else None,
-                                   description=doc)
+    parser = subparsers.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, param in inspect.signature(fn).parameters.items():
         kind = _annotation(fn, name)
         flag = "--" + name.replace("_", "-")
@@ -50,12 +68,11 @@ def _add_command(subparsers, fn: Callable) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mm-teamlora", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(required=True, metavar="COMMAND")
-    for fn in COMMANDS:
-        _add_command(subparsers, fn)
+    for name, fn in COMMANDS.items():
+        _add_command(subparsers, name, fn)
     args = vars(parser.parse_args(argv))
     command = args.pop("_command")
-    command(**args)
-    return 0
+    return command(**args) or 0
 
 
 if __name__ == "__main__":

@@ -15,3 +15,17 @@ def test_unknown_command_and_bad_option_types_exit_with_usage():
         main(["nope"])
     with pytest.raises(SystemExit):
         main(["demo", "--steps", "many"])
+
+
+def test_data_check_passes_on_the_fixture_mixture_and_fails_on_a_bad_record(tmp_path, capsys):
+    import json
+    import pathlib
+    config = pathlib.Path(__file__).parent.parent / "data_configs" / "fixtures.yaml"
+    assert main(["data", "check", str(config), "--out", str(tmp_path / "report")]) == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x1", "conversations": [{"from": "gpt", "value": "hi"}]}) + "\n")
+    (tmp_path / "mix.yaml").write_text(
+        "name: bad\ntemplate: chat\ntokenizer: tiny\nmax_length: 64\nimage_token_count: 16\non_error: raise\n"
+        "sources:\n  - name: bad\n    path: bad.jsonl\n    format: llava\n")
+    assert main(["data", "check", str(tmp_path / "mix.yaml")]) == 1
+    assert "x1" in capsys.readouterr().out

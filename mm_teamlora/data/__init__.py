@@ -1,0 +1,29 @@
+"""Instruction data: LLaVA / text-only / messages sources, templates with exact assistant labels,
+weighted mixtures from `data_configs/*.yaml`, image checks, a torch Dataset and a collator.
+
+    config = MixtureConfig.from_yaml("data_configs/fixtures.yaml")
+    dataset = build_dataset(config, tokenizer, image_processor, image_token_count=576)
+    loader = DataLoader(dataset, batch_size=8, collate_fn=DataCollator.from_tokenizer(tokenizer))
+
+Nothing is dropped silently: every skipped record is counted by reason (`errors.REASONS`), and
+under `on_error: raise` the first problem stops with file, record index, line, id and reason.
+"""
+
+from .check import check_mixture, load_tokenizer
+from .collate import DataCollator
+from .config import MixtureConfig, SourceConfig
+from .dataset import InstructionDataset, build_dataset
+from .errors import NOTES, REASONS, ConfigError, DataError, SourceReport
+from .images import ImageCheckConfig, ResizeToTensor, check_image, load_image, to_rgb
+from .mixture import Mixture, build_mixture, format_report
+from .prepare import PreparedSource, prepare_source
+from .sources import Conversation, parse_record, read_records
+from .templates import TEMPLATES, ConversationTemplate, Piece, truncate_tail
+
+__all__ = [
+    "check_mixture", "load_tokenizer", "DataCollator", "MixtureConfig", "SourceConfig", "InstructionDataset",
+    "build_dataset", "NOTES", "REASONS", "ConfigError", "DataError", "SourceReport", "ImageCheckConfig",
+    "ResizeToTensor", "check_image", "load_image", "to_rgb", "Mixture", "build_mixture", "format_report",
+    "PreparedSource", "prepare_source", "Conversation", "parse_record", "read_records", "TEMPLATES",
+    "ConversationTemplate", "Piece", "truncate_tail",
+]

@@ -1,0 +1,140 @@
+"""Problems with input data: one exception type, stable reason codes, and per-source counts.
+
+Every record the pipeline drops is dropped for a named reason and counted; nothing disappears
+silently. Under `on_error: raise` the first problem stops the run with a `DataError` naming the
+file, the record (index, line where known, id) and the reason; under `on_error: skip` the record is
+counted by reason in its source's `SourceReport`, with the first few examples kept for debugging.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+# reason code -> what it means (the codes are stable: reports and tests refer to them)
+REASONS = {
+    # file and line level
+    "file_missing": "the source file does not exist",
+    "not_a_file": "the source path is not a regular file",
+    "invalid_json": "not valid JSON (JSONL line or whole JSON file)",
+    "invalid_utf8": "bytes that are not UTF-8",
+    "not_an_object": "a record that is not a JSON object",
+    # record structure
+    "bad_id": "id that is not a non-empty string or an integer",
+    "duplicate_id": "id already used by an earlier record of the same file",
+    "missing_field": "a required field is missing (alpaca: instruction, output)",
+    "missing_conversations": "no conversations/messages field",
+    "malformed_conversations": "conversations that are not a list of turn objects",
+    "empty_conversations": "an empty list of turns",
+    "non_string_value": "a text, role or image path that is not a string",
+    "unknown_role": "a role other than human/user, gpt/assistant, system",
+    "role_order": "turns that do not alternate user/assistant (system only first)",
+    "starts_with_assistant": "the first non-system turn is the assistant's",
+    "ends_with_user": "the last turn is the user's (nothing to learn from it)",
+    "empty_question": "a user turn with neither text nor image",
+    "empty_answer": "an empty or whitespace-only assistant turn",
+    "template_mismatch": "the conversation cannot be rendered by the chosen template",
+    # images
+    "bad_image_field": "an image field that is not a path or a list of paths",
+    "no_image_root": "the record has images but its source names no image_root",
+    "absolute_image_path": "an absolute image path (paths are relative to image_root)",
+    "image_path_escapes_root": "an image path that leaves image_root ('..')",
+    "image_count_mismatch": "number of <image> placeholders differs from number of images",
+    "image_in_answer": "an <image> placeholder inside an assistant turn",
+    "image_missing": "image file not found",
+    "image_empty_file": "image file of zero bytes",
+    "image_not_an_image": "file is not an image PIL can identify (or not a regular file)",
+    "image_corrupt": "image file that fails verification or decoding",
+    "image_too_large": "more pixels than images.max_pixels (decompression bomb guard)",
+    "image_too_small": "a side shorter than images.min_side (e.g. 1x1)",
+    "image_extreme_aspect_ratio": "long side / short side above images.max_aspect_ratio",
+    # length policy
+    "too_long": "longer than max_length under truncation: skip",
+    "no_supervised_tokens": "no assistant token left after tail truncation",
+}
+# kept records that were changed, counted beside the skips
+NOTES = {
+    "image_placeholder_prepended": "images given without <image>: placeholders prepended to the first user turn",
+    "truncated": "cut at the tail to max_length (never inside an image)",
+    "truncated_images_dropped": "truncation removed at least one image of the record",
+}
+EXAMPLES_PER_REASON = 3
+
+
+class ConfigError(ValueError):
+    """A mixture config, template or tokenizer that cannot be used at all."""
+
+
+class RecordProblem(Exception):
+    """Raised inside record parsing; the caller adds file/index/id and applies the error policy."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in REASONS, reason
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+class DataError(Exception):
+    """One bad record (or file), with everything needed to find it."""
+
+    def __init__(self, file: str, reason: str, detail: str = "", index: int | None = None,
+                 line: int | None = None, record_id: str | None = None):
+        self.file, self.reason, self.detail = file, reason, detail
+        self.index, self.line, self.record_id = index, line, record_id
+        where = [] if index is None else [f"record {index}"]
+        if line is not None:
+            where.append(f"line {line}")
+        if record_id is not None:
+            where.append(f"id {record_id!r}")
+        super().__init__(f"{file}: {', '.join(where) or 'file'}: {reason}: {detail}".rstrip(": "))
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "index": self.index, "line": self.line, "id": self.record_id,
+                "reason": self.reason, "detail": self.detail}
+
+
+@dataclass
+class SourceReport:
+    """Counts for one source: read, kept, skipped by reason, notes on kept records, sampled."""
+
+    name: str
+    path: str
+    records: int = 0  # records read (after max_samples)
+    kept: int = 0  # records in the tokenised source
+    skipped: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)  # reason -> first few DataError dicts
+    sampled: int | None = None  # records drawn by the mixture (None before sampling)
+    cache_hit: bool = False
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": self.path, "records": self.records, "kept": self.kept,
+                "skipped": dict(sorted(self.skipped.items())), "notes": dict(sorted(self.notes.items())),
+                "examples": self.examples, "sampled": self.sampled, "cache_hit": self.cache_hit}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SourceReport":
+        return cls(name=d["name"], path=d["path"], records=d["records"], kept=d["kept"],
+                   skipped=Counter(d["skipped"]), notes=Counter(d["notes"]), examples=d["examples"],
+                   sampled=d.get("sampled"), cache_hit=d.get("cache_hit", False))
+
+
+class ErrorPolicy:
+    """Applies `on_error` to one source: raise the first problem, or count it and go on."""
+
+    def __init__(self, on_error: str, report: SourceReport):
+        assert on_error in ("raise", "skip"), on_error
+        self.on_error, self.report = on_error, report
+
+    def fail(self, error: DataError) -> None:
+        """A bad record: raise under `raise`, else count it."""
+        if self.on_error == "raise":
+            raise error
+        self.drop(error)
+
+    def drop(self, error: DataError) -> None:
+        """Count a dropped record without raising (the length policy, which the user chose)."""
+        self.report.skipped[error.reason] += 1
+        examples = self.report.examples.setdefault(error.reason, [])
+        if len(examples) < EXAMPLES_PER_REASON:
+            examples.append(error.to_dict())

@@ -1,0 +1,203 @@
+"""One source file -> a tokenised `datasets.Dataset`, cached on disk.
+
+Steps: read records (`max_samples` first ones), parse and check each conversation, resolve image
+paths, check every distinct image file once (threads), render + tokenise in batches, apply the
+length policy, write Arrow. Every dropped record goes through the error policy (`raise` stops at
+the first, `skip` counts it by reason); the length policy is the user's choice, so its drops are
+counted but never raised.
+
+The cache entry is a folder `<cache_dir>/<source name>-<key>/` holding `data.arrow` (loaded with
+`datasets.Dataset.from_file`, memory-mapped: a second run starts at once) and `report.json`. The
+key hashes everything the result depends on: the file (absolute path, size, modification time),
+format, image root, template, system prompt, tokenizer fingerprint, max length, image token count,
+truncation, error policy, image check limits and `CACHE_VERSION`. Image files are not part of the
+key: after changing images in place, pass `rebuild=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import datasets
+import pyarrow as pa
+
+from ..constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from .config import MixtureConfig, SourceConfig
+from .errors import DataError, ErrorPolicy, RecordProblem, SourceReport
+from .images import check_images, resolve_image_path
+from .sources import detect_format, parse_record, read_records
+from .templates import ConversationTemplate, sequence_length, tokenizer_fingerprint, truncate_tail
+
+logger = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when a change here changes what is written
+BATCH = 512
+FEATURES = datasets.Features({
+    "id": datasets.Value("string"),
+    "input_ids": datasets.List(datasets.Value("int32")),
+    "labels": datasets.List(datasets.Value("int32")),
+    "images": datasets.List(datasets.Value("string")),  # absolute paths, in placeholder order
+    "length": datasets.Value("int32"),  # tokens the model sees, images counted as image_token_count
+})
+
+
+@dataclass
+class PreparedSource:
+    """A source's tokenised records (`id`, `input_ids`, `labels`, `images`, `length`) and counts."""
+
+    config: SourceConfig
+    data: datasets.Dataset
+    report: SourceReport
+
+
+def cache_key(source: SourceConfig, mixture: MixtureConfig, tokenizer) -> str:
+    path = os.path.abspath(source.path)
+    st = os.stat(path)
+    parts = {
+        "version": CACHE_VERSION, "file": [path, st.st_size, st.st_mtime_ns], "format": source.format,
+        "image_root": source.image_root and os.path.abspath(source.image_root), "max_samples": source.max_samples,
+        "template": mixture.template, "system_prompt": mixture.system_prompt,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": mixture.max_length, "image_token_count": mixture.image_token_count,
+        "truncation": mixture.truncation, "on_error": mixture.on_error, "images": mixture.images.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare_source(source: SourceConfig, mixture: MixtureConfig, tokenizer,
+                   template: ConversationTemplate | None = None, cache_dir: str | None = None,
+                   rebuild: bool = False) -> PreparedSource:
+    """Tokenise one source, or load it from the cache. Raises `DataError` under `on_error: raise`."""
+    if not os.path.isfile(source.path):
+        raise DataError(source.path, "file_missing" if not os.path.exists(source.path) else "not_a_file",
+                        f"source {source.name!r}")
+    folder = None
+    if cache_dir is not None:
+        folder = os.path.join(cache_dir, f"{source.name}-{cache_key(source, mixture, tokenizer)}")
+        if rebuild:
+            shutil.rmtree(folder, ignore_errors=True)
+        if os.path.isfile(os.path.join(folder, "report.json")):
+            with open(os.path.join(folder, "report.json"), encoding="utf-8") as f:
+                report = SourceReport.from_dict(json.load(f))
+            report.cache_hit = True
+            logger.info("source %s: cache hit %s", source.name, folder)
+            return PreparedSource(source, datasets.Dataset.from_file(os.path.join(folder, "data.arrow")), report)
+    template = template or ConversationTemplate(mixture.template, tokenizer, mixture.system_prompt)
+    start = time.perf_counter()
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{source.name}-", dir=cache_dir)
+    os.chmod(work, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+    try:
+        report = _build(source, mixture, template, os.path.join(work, "data.arrow"))
+        with open(os.path.join(work, "report.json"), "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=1)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                os.replace(work, folder)  # atomic: a cache entry is complete or absent
+                work = folder
+            except OSError:  # another process wrote the same entry meanwhile: use theirs
+                if not os.path.isfile(os.path.join(folder, "report.json")):
+                    raise
+                shutil.rmtree(work, ignore_errors=True)
+                work = folder
+        data = datasets.Dataset.from_file(os.path.join(work, "data.arrow"), in_memory=folder is None)
+    finally:
+        if work != folder:
+            shutil.rmtree(work, ignore_errors=True)
+    logger.info("source %s: %d of %d records in %.1fs", source.name, report.kept, report.records,
+                time.perf_counter() - start)
+    return PreparedSource(source, data, report)
+
+
+def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationTemplate, out_path: str) -> SourceReport:
+    report = SourceReport(name=source.name, path=source.path)
+    policy = ErrorPolicy(mixture.on_error, report)
+
+    def fail(raw, problem: RecordProblem, rid: str | None = None) -> None:
+        policy.fail(DataError(source.path, problem.reason, problem.detail, raw.index, raw.line, rid))
+
+    # 1. parse and check records
+    fmt = None if source.format == "auto" else source.format
+    parsed, seen = [], {}
+    for raw in read_records(source.path, source.max_samples):
+        report.records += 1
+        if raw.problem is not None:
+            fail(raw, raw.problem)
+            continue
+        rid = raw.value.get("id") if isinstance(raw.value, dict) else None
+        rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+        if fmt is None and isinstance(raw.value, dict):
+            fmt = detect_format(raw.value)
+        try:
+            conv = parse_record(raw.value, fmt or "llava", raw.index)
+            if rid is not None and rid in seen:
+                raise RecordProblem("duplicate_id", f"first used by record {seen[rid]}")
+            paths = [resolve_image_path(source.image_root, p) for p in conv.images]
+        except RecordProblem as problem:
+            fail(raw, problem, rid)
+            continue
+        if rid is not None:
+            seen[rid] = raw.index
+        parsed.append((raw, conv, paths))
+
+    # 2. check every distinct image file once
+    distinct = sorted({p for _, _, paths in parsed for p in paths})
+    bad = check_images(distinct, mixture.images)
+    usable = []
+    for raw, conv, paths in parsed:
+        problem = next((bad[p] for p in paths if p in bad), None)
+        if problem is not None:
+            fail(raw, problem, conv.id)
+        else:
+            usable.append((raw, conv, paths))
+
+    # 3. tokenise, apply the length policy, write
+    schema = FEATURES.arrow_schema
+    with pa.OSFile(out_path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for b in range(0, len(usable), BATCH):
+            batch = usable[b:b + BATCH]
+            rows = {name: [] for name in FEATURES}
+            for (raw, conv, paths), result in zip(batch, template.encode([c.messages for _, c, _ in batch])):
+                if isinstance(result, RecordProblem):
+                    fail(raw, result, conv.id)
+                    continue
+                ids, labels = result
+                row = _apply_length_policy(ids, labels, paths, mixture, policy, source.path, raw, conv)
+                if row is None:
+                    continue
+                report.notes.update(conv.notes)
+                for name, value in zip(("id", "input_ids", "labels", "images", "length"), (conv.id,) + row):
+                    rows[name].append(value)
+            if rows["id"]:
+                writer.write_batch(pa.RecordBatch.from_pydict(rows, schema=schema))
+                report.kept += len(rows["id"])
+    return report
+
+
+def _apply_length_policy(ids, labels, paths, mixture: MixtureConfig, policy: ErrorPolicy, file, raw, conv):
+    """(input_ids, labels, images, length) that fit `max_length`, or None when dropped (counted)."""
+    length = sequence_length(ids, mixture.image_token_count)
+    if length <= mixture.max_length:
+        return ids, labels, paths, length
+    if mixture.truncation == "skip":
+        policy.drop(DataError(file, "too_long", f"{length} > max_length {mixture.max_length}",
+                              raw.index, raw.line, conv.id))
+        return None
+    ids, labels = truncate_tail(ids, labels, mixture.max_length, mixture.image_token_count)
+    if all(label == IGNORE_INDEX for label in labels):
+        policy.drop(DataError(file, "no_supervised_tokens", f"{length} tokens cut to {mixture.max_length}",
+                              raw.index, raw.line, conv.id))
+        return None
+    kept_images = sum(1 for t in ids if t == IMAGE_PLACEHOLDER_ID)
+    conv.notes.append("truncated")
+    if kept_images < len(paths):
+        conv.notes.append("truncated_images_dropped")
+    return ids, labels, paths[:kept_images], sequence_length(ids, mixture.image_token_count)

@@ -1,0 +1,173 @@
+"""The torch Dataset, the collator and `check_mixture` (what `mm-teamlora data check` runs)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from fixtures.data.helpers import REPO, TOKENS_PER_IMAGE, build, config, llava, make_image, tokenizer, write_json
+from mm_teamlora.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from mm_teamlora.data import DataCollator, DataError, InstructionDataset, ResizeToTensor, build_dataset, check_mixture
+
+FIXTURE_MIX = os.path.join(REPO, "data_configs", "fixtures.yaml")
+
+
+def _dataset(tmp_path, seed=0):
+    make_image(tmp_path / "a.png", (40, 30), color=(255, 0, 0))
+    make_image(tmp_path / "b.png", (30, 40), color=(0, 0, 255))
+    path = write_json(tmp_path / "d.json", [
+        llava("one", question="<image>\nWhat color?", answer="Red.", image="a.png"),
+        llava("two", question="<image> and <image>: same?", answer="No, one is red and one is blue.",
+              images=["a.png", "b.png"]),
+        llava("text", question="Say a long sentence please.", answer="This is a rather long sentence to say."),
+    ])
+    return InstructionDataset(build(config([{"path": path, "image_root": str(tmp_path)}], seed=seed)), ResizeToTensor(8))
+
+
+def test_items(tmp_path):
+    dataset = _dataset(tmp_path)
+    items = {dataset[i]["id"]: dataset[i] for i in range(len(dataset))}
+    two, text = items["two"], items["text"]
+    assert two["pixel_values"].shape == (2, 3, 8, 8) and two["image_count"] == 2 and two["source"] == "d"
+    assert two["pixel_values"][0, 0].mean() == 1.0 and two["pixel_values"][1, 2].mean() == 1.0  # red then blue
+    assert text["pixel_values"] is None and text["image_count"] == 0
+    assert (two["input_ids"] == IMAGE_PLACEHOLDER_ID).sum() == 2
+    order = [dataset[i]["id"] for i in range(len(dataset))]
+    lengths = dict(zip(order, dataset.lengths))
+    assert lengths["two"] == len(two["input_ids"]) + 2 * (TOKENS_PER_IMAGE - 1)
+    assert dict(zip(order, dataset.image_counts)) == {"one": 1, "two": 2, "text": 0}
+
+
+def test_collator_shapes_padding_and_images(tmp_path):
+    dataset = _dataset(tmp_path)
+    tok = tokenizer()
+    items = [dataset[i] for i in range(len(dataset))]
+    batch = DataCollator.from_tokenizer(tok)(items)
+    lengths = [len(item["input_ids"]) for item in items]
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, max(lengths))
+    assert batch["input_ids"].dtype == batch["attention_mask"].dtype == batch["labels"].dtype == torch.long
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    for row, item in enumerate(items):
+        n = lengths[row]
+        assert torch.equal(batch["input_ids"][row, :n], item["input_ids"])
+        assert (batch["input_ids"][row, n:] == tok.pad_token_id).all()  # right padding
+        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
+    assert batch["image_counts"].tolist() == [item["image_count"] for item in items]
+    assert batch["pixel_values"].shape == (3, 3, 8, 8)
+    expected = torch.cat([item["pixel_values"] for item in items if item["pixel_values"] is not None])
+    assert torch.equal(batch["pixel_values"], expected)
+    assert (batch["input_ids"] == IMAGE_PLACEHOLDER_ID).sum() == 3
+    padded = DataCollator(tok.pad_token_id, pad_to_multiple_of=16)(items)
+    assert padded["input_ids"].shape[1] % 16 == 0
+    left = DataCollator.from_tokenizer(tok, padding_side="left")(items)  # for batched generation
+    for row, item in enumerate(items):
+        n = lengths[row]
+        assert torch.equal(left["input_ids"][row, -n:], item["input_ids"])
+        assert left["attention_mask"][row, -n:].all() and not left["attention_mask"][row, :-n].any()
+    assert torch.equal(left["pixel_values"], batch["pixel_values"])
+
+
+def test_text_only_batch_has_no_pixel_values(tmp_path):
+    dataset = _dataset(tmp_path)
+    text = [dataset[i] for i in range(len(dataset)) if dataset[i]["id"] == "text"]
+    batch = DataCollator.from_tokenizer(tokenizer())(text)
+    assert batch["pixel_values"] is None and batch["image_counts"].tolist() == [0]
+
+
+def test_loader_is_deterministic_given_the_seed(tmp_path):
+    def batches(seed):
+        dataset = _dataset(tmp_path, seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=DataCollator.from_tokenizer(tokenizer()))
+        return [batch for batch in loader]
+
+    first, again, other = batches(1), batches(1), batches(2)
+    for a, b in zip(first, again):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert (a[key] is None and b[key] is None) or torch.equal(a[key], b[key])
+    assert any(not torch.equal(a["image_counts"], b["image_counts"]) or a["input_ids"].shape != b["input_ids"].shape
+               for a, b in zip(first, other))
+
+
+def test_collator_rejects_mixed_image_sizes():
+    items = [{"input_ids": torch.tensor([1]), "labels": torch.tensor([1]), "pixel_values": torch.zeros(1, 3, 4, 4),
+              "image_count": 1},
+             {"input_ids": torch.tensor([1]), "labels": torch.tensor([1]), "pixel_values": torch.zeros(1, 3, 8, 8),
+              "image_count": 1}]
+    with pytest.raises(ValueError, match="different shapes"):
+        DataCollator(0)(items)
+
+
+def test_image_changed_after_the_check_names_the_file(tmp_path):
+    dataset = _dataset(tmp_path)
+    (tmp_path / "b.png").write_bytes(b"gone bad")
+    index = [dataset.mixture.sources[s].data[int(r)]["id"] for s, r in dataset.mixture.order].index("two")
+    with pytest.raises(DataError, match=r"b.png changed after it was checked"):
+        dataset[index]
+
+
+def test_build_dataset_from_yaml_overrides_image_token_count(tmp_path):
+    dataset = build_dataset(FIXTURE_MIX, tokenizer(), ResizeToTensor(8), image_token_count=4,
+                            cache_dir=str(tmp_path), log=None)
+    assert dataset.mixture.config.image_token_count == 4
+    index = list(dataset.image_counts).index(2)
+    assert dataset.lengths[index] == len(dataset[index]["input_ids"]) + 2 * (4 - 1)
+
+
+# check_mixture ------------------------------------------------------------------------------------
+
+def test_check_fixture_mixture(tmp_path, capsys):
+    assert check_mixture(FIXTURE_MIX, out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache")) == 0
+    out = capsys.readouterr().out
+    assert "mixture 'fixtures': per-source counts" in out and "first batch" in out
+    report = json.load(open(tmp_path / "run" / "data_report.json"))
+    assert {s["name"]: (s["records"], s["kept"], s["sampled"]) for s in report["sources"]} == \
+        {"llava": (4, 4, 8), "alpaca": (3, 3, 3), "messages": (2, 2, 1)}
+    assert check_mixture(FIXTURE_MIX, cache_dir=str(tmp_path / "cache")) == 0
+    assert "hit" in capsys.readouterr().out
+
+
+def _bad_mix(tmp_path, on_error):
+    make_image(tmp_path / "ok.png")
+    write_json(tmp_path / "d.json", [llava("fine", image="ok.png"), llava("broken", image="missing.png"),
+                                     llava("also-fine")])
+    (tmp_path / "mix.yaml").write_text(f"tokenizer: tiny\non_error: {on_error}\nimage_token_count: 16\n"
+                                       "sources:\n  - path: d.json\n    image_root: .\n")
+    return str(tmp_path / "mix.yaml")
+
+
+def test_check_fails_under_raise(tmp_path, capsys):
+    code = check_mixture(_bad_mix(tmp_path, "raise"), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "d.json: record 1, id 'broken': image_missing" in out and "missing.png" in out
+    assert json.load(open(tmp_path / "run" / "data_report.json"))["error"]["reason"] == "image_missing"
+
+
+def test_check_counts_under_skip(tmp_path, capsys):
+    code = check_mixture(_bad_mix(tmp_path, "skip"), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
+    out = capsys.readouterr().out
+    assert code == 0 and "skipped  d: image_missing: 1 (first: record 1, id 'broken')" in out
+    report = json.load(open(tmp_path / "run" / "data_report.json"))
+    assert report["sources"][0]["skipped"] == {"image_missing": 1} and report["total"] == 2
+
+
+def test_check_config_errors(tmp_path, capsys):
+    (tmp_path / "mix.yaml").write_text("sources: [{path: d.json}]\n")
+    assert check_mixture(str(tmp_path / "mix.yaml")) == 2
+    assert "no tokenizer" in capsys.readouterr().out
+    (tmp_path / "mix.yaml").write_text("tokenizer: tiny\nsources: [{path: d.json, weight: 0}]\n")
+    assert check_mixture(str(tmp_path / "mix.yaml")) == 2
+    assert "weight must be positive" in capsys.readouterr().out
+    (tmp_path / "mix.yaml").write_text("tokenizer: tiny\nsources: [{path: d.json}]\n")
+    assert check_mixture(str(tmp_path / "mix.yaml"), tokenizer=tokenizer(), cache_dir=str(tmp_path)) == 1
+    assert "file_missing" in capsys.readouterr().out
+
+
+def test_check_fails_on_an_empty_mixture(tmp_path, capsys):
+    write_json(tmp_path / "d.json", [["not", "a", "record"]])
+    (tmp_path / "mix.yaml").write_text("tokenizer: tiny\non_error: skip\nsources: [{path: d.json}]\n")
+    assert check_mixture(str(tmp_path / "mix.yaml"), cache_dir=str(tmp_path / "cache")) == 1
+    out = capsys.readouterr().out
+    assert "skipped  d: not_an_object: 1 (first: record 0)" in out and "the mixture is empty" in out
