@@ -14,11 +14,20 @@ import typing
 from typing import Callable
 
 
-def demo(steps: int = 150, out: str = "runs/adapter-demo", seed: int = 0) -> None:
-    """Train LoRA and TeamLoRA side by side on a tiny model and show how TeamLoRA routes by token group."""
+def demo(steps: int = 150, out: str = "runs/adapter-demo", seed: int = 0, default_model: bool = True) -> None:
+    """Train LoRA and TeamLoRA side by side on a tiny model, then ask the embedded default model."""
     from .adapter_demo import run_adapter_demo
 
     run_adapter_demo(steps=steps, out=out, seed=seed)
+    if default_model:
+        from .eval.chat import answer
+        from .model import load_model
+
+        print("\nThe embedded default (SmolLM2-135M-Instruct + DINOv2 ViT-S/14, real pretrained weights, "
+              "projector untrained):")
+        model = load_model("smollm2-dinov2-small")
+        for question in ("What is the capital of France?", "Name three primary colours."):
+            print(f"  Q: {question}\n  A: {answer(model, question, max_new_tokens=40)}")
 
 
 def data_check(config: str, out: str = "", tokenizer: str = "", image_token_count: int = 0, rebuild: bool = False,
@@ -32,8 +41,22 @@ def data_check(config: str, out: str = "", tokenizer: str = "", image_token_coun
                          image_token_count=image_token_count or None, rebuild=rebuild, full_decode=full_decode)
 
 
+def chat(question: str, model: str = "smollm2-dinov2-small", image: list[str] | None = None, max_new_tokens: int = 128,
+         temperature: float = 0.0) -> int:
+    """Answer a question, optionally about images (--image PATH, repeatable), and print the answer."""
+    from .eval.chat import answer
+    from .model import load_model
+
+    try:
+        print(answer(load_model(model), question, image or [], max_new_tokens=max_new_tokens, temperature=temperature))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # a command is a typed function, or a group of them (`mm-teamlora data check ...`)
-COMMANDS: dict[str, Callable | dict[str, Callable]] = {"demo": demo, "data": {"check": data_check}}
+COMMANDS: dict[str, Callable | dict[str, Callable]] = {"demo": demo, "chat": chat, "data": {"check": data_check}}
 
 
 def _annotation(fn: Callable, name: str):
@@ -59,6 +82,8 @@ def _add_command(subparsers, name: str, fn: Callable | dict) -> None:
             parser.add_argument(name, type=kind)
         elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default)
+        elif typing.get_origin(kind) is list:  # repeatable option
+            parser.add_argument(flag, dest=name, type=typing.get_args(kind)[0], action="append", default=param.default)
         else:
             parser.add_argument(flag, dest=name, type=kind, default=param.default,
                                 help=f"default: {param.default}")

