@@ -59,8 +59,16 @@ def test_placeholder_and_image_count_mismatches_name_the_sample(base):
     ids, mask, pixels, counts = make_batch(base, TEXTS, IMAGES)
     with pytest.raises(ValueError, match="sample 2: 2 <image> placeholders but 1 images"):
         base(ids, mask, None, pixels[:2], torch.tensor([1, 0, 1]))
-    with pytest.raises(ValueError, match="need 3 images but pixel_values holds 2"):
+    with pytest.raises(ValueError, match="need 3 images but 2 were given"):
         base(ids, mask, None, pixels[:2], counts)
+
+
+def test_precomputed_image_features_give_the_same_logits(base):
+    ids, mask, pixels, counts = make_batch(base, TEXTS, IMAGES)
+    with torch.no_grad():
+        expected = base(ids, mask, None, pixels, counts).logits
+        features = base.encode_images(pixels)
+        assert torch.equal(base(ids, mask, None, None, counts, image_features=features).logits, expected)
 
 
 def test_text_only_batches_do_not_run_the_vision_tower_but_keep_the_projector_in_the_graph(base):

@@ -76,9 +76,12 @@ class MultimodalLM(nn.Module):
 
     def build_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                     image_counts: torch.Tensor | None = None, padding_side: str = "right") -> dict:
+                     image_counts: torch.Tensor | None = None, padding_side: str = "right",
+                     image_features: torch.Tensor | None = None) -> dict:
         """Splice image features into the token embeddings. Returns inputs_embeds, attention_mask,
-        labels (None if none given) and token_groups, all over the expanded, re-padded sequence."""
+        labels (None if none given) and token_groups, all over the expanded, re-padded sequence.
+        `image_features` (from `encode_images`) replaces `pixel_values` when the same images are
+        used again (e.g. one question asked with its options in several orders)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         real = attention_mask.bool()
@@ -89,10 +92,11 @@ class MultimodalLM(nn.Module):
         for b in (in_text != image_counts.to(in_text.device)).nonzero().flatten().tolist():
             raise ValueError(f"sample {b}: {int(in_text[b])} <image> placeholders but {int(image_counts[b])} images")
         total = int(image_counts.sum())
-        given = 0 if pixel_values is None else pixel_values.shape[0]
+        source = pixel_values if image_features is None else image_features
+        given = 0 if source is None else source.shape[0]
         if given != total:
-            raise ValueError(f"the batch's placeholders need {total} images but pixel_values holds {given}")
-        features = self.encode_images(pixel_values) if total else None
+            raise ValueError(f"the batch's placeholders need {total} images but {given} were given")
+        features = image_features if image_features is not None else (self.encode_images(pixel_values) if total else None)
         embeds = self.language_model.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
         if features is None and torch.is_grad_enabled() and any(p.requires_grad for p in self.projector.parameters()):
             # keep the projector in the autograd graph (zero gradient), so every data-parallel
@@ -121,18 +125,22 @@ class MultimodalLM(nn.Module):
         return _pad_rows(rows, padding_side, labels is not None)
 
     # -- forward and generation --------------------------------------------------------------
-    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_counts=None, **kwargs):
-        inputs = self.build_inputs(input_ids, attention_mask, labels, pixel_values, image_counts)
+    def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_counts=None,
+                image_features=None, **kwargs):
+        inputs = self.build_inputs(input_ids, attention_mask, labels, pixel_values, image_counts,
+                                   image_features=image_features)
         with routing_context(inputs["token_groups"], inputs["attention_mask"].bool()):
             return self.language_model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
                                        labels=inputs["labels"], **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_counts=None, **kwargs) -> torch.Tensor:
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_counts=None, image_features=None,
+                 **kwargs) -> torch.Tensor:
         """Batched generation with left padding and KV cache; returns only the new token ids.
         The routing context of the prompt also covers the decode steps, where each new token takes
         its row's text group (see adapters.routing)."""
-        inputs = self.build_inputs(input_ids, attention_mask, None, pixel_values, image_counts, padding_side="left")
+        inputs = self.build_inputs(input_ids, attention_mask, None, pixel_values, image_counts, padding_side="left",
+                                   image_features=image_features)
         if self.tokenizer is not None:
             kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
             kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
