@@ -97,6 +97,16 @@ class RoutedAdapterLayer(AdapterLayer):
         if self.recorder is not None:
             self.recorder.add(probs.detach(), weights.detach(), groups, mask)
 
+    def _softmax_route(self, x: torch.Tensor):
+        """For methods whose expert weights are the router probabilities (MoELoRA, HydraLoRA):
+        the base output, x in the adapter dtype, and phi (N, k), observed as the weights."""
+        result = self.base_layer(x)
+        groups, mask, replay = self._routing_inputs(x)
+        xa = x.to(self.lora_A.dtype)
+        probs = self.router_probs(F.linear(xa, self.router).reshape(-1, self.num_experts), groups)
+        self._observe(probs, probs, groups, mask, replay)
+        return result, xa, probs
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", experts={self.num_experts}, group_routing={self.group_bias is not None}"
 
@@ -111,11 +121,7 @@ class MoELoRALinear(RoutedAdapterLayer):
         self.lora_B = self._param(torch.zeros(self.out_features, config.r))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        groups, mask, replay = self._routing_inputs(x)
-        xa = x.to(self.lora_A.dtype)
-        probs = self.router_probs(F.linear(xa, self.router).reshape(-1, self.num_experts), groups)
-        self._observe(probs, probs, groups, mask, replay)
+        result, xa, probs = self._softmax_route(x)
         scale = (probs * self.scaling).to(xa.dtype).view(*x.shape[:-1], self.num_experts)
         if self.config.implementation == "loop":
             # the published structure: each expert is its own LoRA, with its own dropout draw,
@@ -143,11 +149,7 @@ class HydraLoRALinear(RoutedAdapterLayer):
         self.lora_B = self._param(torch.zeros(self.out_features, self.num_experts * config.r))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        groups, mask, replay = self._routing_inputs(x)
-        xa = x.to(self.lora_A.dtype)
-        probs = self.router_probs(F.linear(xa, self.router).reshape(-1, self.num_experts), groups)
-        self._observe(probs, probs, groups, mask, replay)
+        result, xa, probs = self._softmax_route(x)
         z = F.linear(self._drop(xa), self.lora_A) * self.scaling
         scale = probs.to(z.dtype).view(*x.shape[:-1], self.num_experts)
         r = self.config.r
