@@ -55,8 +55,46 @@ def chat(question: str, model: str = "smollm2-dinov2-small", image: list[str] | 
     return 0
 
 
+def eval_(model: str = "", data: str = "", mode: str = "likelihood", circular: bool = False, out: str = "runs/eval",
+          batch_size: int = 8, template: str = "chat", max_new_tokens: int = 32,
+          instruction: str = "Answer with the option's letter from the given choices directly.", hint: bool = True,
+          shard: int = 0, num_shards: int = 1, on_error: str = "raise", restart: bool = False, device: str = "") -> int:
+    """Evaluate a model on an MMBench TSV (likelihood or generate, optional CircularEval) and write the reports.
+
+    Writes predictions.tsv, predictions.jsonl (the resume log), report.json and report.md into --out. A rerun with
+    the same settings resumes; --shard K --num-shards N runs one shard (merge with eval-score); --num-shards 0 takes
+    them from RANK / WORLD_SIZE under torchrun or deepspeed."""
+    from .eval.commands import eval_command
+
+    return eval_command(model=model, data=data, mode=mode, circular=circular, out=out, batch_size=batch_size,
+                        template=template, max_new_tokens=max_new_tokens, instruction=instruction, hint=hint,
+                        shard=shard, num_shards=num_shards, on_error=on_error, restart=restart, device=device)
+
+
+def eval_score(predictions: list[str] | None = None, data: str = "", out: str = "runs/eval-score",
+               on_error: str = "raise") -> int:
+    """Score existing predictions (TSV or JSONL; repeat --predictions to merge shards) against an MMBench TSV, no model."""
+    from .eval.commands import eval_score_command
+
+    return eval_score_command(predictions=predictions, data=data, out=out, on_error=on_error)
+
+
+def inspect_routing(model: str = "", data: str = "", out: str = "runs/routing", template: str = "chat",
+                    image_root: str = "", batch_size: int = 8, max_samples: int = 0, max_length: int = 0,
+                    on_error: str = "raise", plots: bool = True, device: str = "") -> int:
+    """Record expert routing by token group and category (TSV or conversation JSON); write routing.json and heatmaps."""
+    from .eval.commands import inspect_routing_command
+
+    return inspect_routing_command(model=model, data=data, out=out, template=template, image_root=image_root,
+                                   batch_size=batch_size, max_samples=max_samples, max_length=max_length,
+                                   on_error=on_error, plots=plots, device=device)
+
+
 # a command is a typed function, or a group of them (`mm-teamlora data check ...`)
-COMMANDS: dict[str, Callable | dict[str, Callable]] = {"demo": demo, "chat": chat, "data": {"check": data_check}}
+COMMANDS: dict[str, Callable | dict[str, Callable]] = {
+    "demo": demo, "chat": chat, "data": {"check": data_check},
+    "eval": eval_, "eval-score": eval_score, "inspect-routing": inspect_routing,
+}
 
 
 def _annotation(fn: Callable, name: str):

@@ -29,3 +29,29 @@ def test_data_check_passes_on_the_fixture_mixture_and_fails_on_a_bad_record(tmp_
         "sources:\n  - name: bad\n    path: bad.jsonl\n    format: llava\n")
     assert main(["data", "check", str(tmp_path / "mix.yaml")]) == 1
     assert "x1" in capsys.readouterr().out
+
+
+def test_eval_rescore_and_inspect_routing_end_to_end(tmp_path):
+    import json
+    import pathlib
+
+    from mm_teamlora.adapters import AdapterConfig
+    from mm_teamlora.model import MultimodalConfig, build_multimodal
+
+    tsv = str(pathlib.Path(__file__).parent / "fixtures" / "eval" / "mmbench_small.tsv")
+    model = build_multimodal(MultimodalConfig.preset("tiny-random"))
+    model.add_adapters(AdapterConfig(method="teamlora", r=8, num_experts=4, group_routing=True))
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(tmp_path / "model"), "--data", tsv, "--mode", "likelihood", "--circular",
+                 "--out", str(out), "--batch-size", "4"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {"vanilla", "circular", "n", "chance"} <= set(report["overall"]) and "by_category" in report
+    assert main(["eval-score", "--predictions", str(out / "predictions.tsv"), "--data", tsv,
+                 "--out", str(tmp_path / "rescored")]) == 0
+    rescored = json.loads((tmp_path / "rescored" / "report.json").read_text())
+    assert rescored["overall"] == report["overall"]
+    assert main(["inspect-routing", "--model", str(tmp_path / "model"), "--data", tsv,
+                 "--out", str(tmp_path / "routing")]) == 0
+    assert (tmp_path / "routing" / "routing.json").is_file()
+    assert list((tmp_path / "routing").glob("*.png"))

@@ -1,6 +1,17 @@
-"""Evaluation and inference on top of the model and data rooms: chat answers (MMBench and routing
-analysis come here next)."""
+"""Evaluation and inference on top of the model and data rooms: chat answers, MMBench evaluation
+(TSV reading, prompts, likelihood / generate answers, CircularEval, reports) and routing analysis."""
 
+from .answers import extract_letter, letter_token_ids
 from .chat import answer
+from .mmbench import (LETTERS, ROTATION_STRIDE, MMBenchData, MMBenchQuestion, PromptConfig, encode_question,
+                      prompt_text, read_mmbench)
+from .routing import analyse, inspect_routing, mutual_information_bits, record_samples, separation
+from .runner import EvalConfig, EvalResult, ImageFeatureCache, evaluate, rescore
+from .scoring import format_markdown, read_predictions, score
 
-__all__ = ["answer"]
+__all__ = [
+    "answer", "extract_letter", "letter_token_ids", "LETTERS", "ROTATION_STRIDE", "MMBenchData", "MMBenchQuestion",
+    "PromptConfig", "encode_question", "prompt_text", "read_mmbench", "analyse", "inspect_routing",
+    "mutual_information_bits", "record_samples", "separation", "EvalConfig", "EvalResult", "ImageFeatureCache",
+    "evaluate", "rescore", "format_markdown", "read_predictions", "score",
+]
