@@ -55,6 +55,19 @@ def chat(question: str, model: str = "smollm2-dinov2-small", image: list[str] | 
     return 0
 
 
+def data_demo(out: str = "runs/demo-data", seed: int = 0, train_size: int = 0, eval_size: int = 0,
+              wordnet_dir: str = "", eval_text_only: bool = True) -> int:
+    """Build demo data from installed assets: a LLaVA training mix, a disjoint MMBench eval TSV, demo.yaml.
+
+    Assets: `pip install easy-vqa scikit-learn scikit-image` and `apt-get install -y wordnet-base`.
+    --train-size/--eval-size 0: the defaults (3000 / 300). Exits 2 when an asset is missing,
+    1 when the written eval set overlaps the training set."""
+    from .data.demo import demo_data_command
+
+    return demo_data_command(out, seed=seed, train_size=train_size or None, eval_size=eval_size or None,
+                             wordnet_dir=wordnet_dir or None, eval_text_only=eval_text_only)
+
+
 def eval_(model: str = "", data: str = "", mode: str = "likelihood", circular: bool = False, out: str = "runs/eval",
           batch_size: int = 8, template: str = "chat", max_new_tokens: int = 32,
           instruction: str = "Answer with the option's letter from the given choices directly.", hint: bool = True,
@@ -92,7 +105,7 @@ def inspect_routing(model: str = "", data: str = "", out: str = "runs/routing", 
 
 # a command is a typed function, or a group of them (`mm-teamlora data check ...`)
 COMMANDS: dict[str, Callable | dict[str, Callable]] = {
-    "demo": demo, "chat": chat, "data": {"check": data_check},
+    "demo": demo, "chat": chat, "data": {"check": data_check, "demo": data_demo},
     "eval": eval_, "eval-score": eval_score, "inspect-routing": inspect_routing,
 }
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mm_teamlora.adapters import (AdapterConfig, adapter_layers, adapter_state_dict, apply_adapters, load_adapter,
+from mm_teamlora.adapters import (adapter_layers, adapter_state_dict, load_adapter,
                                   merge_adapters, routing_context, save_adapter, trainable_parameter_report)
 from conftest import tiny_model
 from helpers import adapted, randomize_adapters

@@ -109,7 +109,6 @@ def test_batched_generation_equals_one_by_one(method):
     ids, mask, pixels, counts = make_batch(model, TEXTS, IMAGES, padding_side="left")
     batched = model.generate(ids, mask, pixels, counts, max_new_tokens=10, do_sample=False, eos_token_id=None)
     assert batched.shape == (3, 10)
-    start = 0
     for b in range(3):
         one_ids, one_mask, one_pixels, one_counts = make_batch(model, [TEXTS[b]], [IMAGES[b]], padding_side="left")
         single = model.generate(one_ids, one_mask, one_pixels, one_counts, max_new_tokens=10, do_sample=False,

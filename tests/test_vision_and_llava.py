@@ -121,7 +121,6 @@ def test_llava_hf_folder_gives_the_same_logits_as_llava_itself(tmp_path):
 
 
 def test_original_llava_layout_loads_lm_projector_and_tower(tmp_path):
-    import transformers as t
 
     lm, tokenizer = tiny_language_model()
     lm_dir, vision_dir = tmp_path / "lm", tmp_path / "vision"

@@ -4,6 +4,12 @@ weighted mixtures from `data_configs/*.yaml`, image checks, a torch Dataset and 
     config = MixtureConfig.from_yaml("data_configs/fixtures.yaml")
     dataset = build_dataset(config, tokenizer, image_processor, image_token_count=576)
     loader = DataLoader(dataset, batch_size=8, collate_fn=DataCollator.from_tokenizer(tokenizer))
+    # or grouped by modality and length, split over ranks, resumable:
+    loader = DataLoader(dataset, batch_sampler=GroupedBatchSampler.from_dataset(dataset, batch_size=8),
+                        collate_fn=DataCollator.from_tokenizer(tokenizer))
+
+`build_demo_data` (`mm-teamlora data demo`) writes a small real training mix and a disjoint
+MMBench-style evaluation set from installed assets (see `demo/`).
 
 Nothing is dropped silently: every skipped record is counted by reason (`errors.REASONS`), and
 under `on_error: raise` the first problem stops with file, record index, line, id and reason.
@@ -13,10 +19,12 @@ from .check import check_mixture, load_tokenizer
 from .collate import DataCollator
 from .config import MixtureConfig, SourceConfig
 from .dataset import InstructionDataset, build_dataset
+from .demo import build_demo_data
 from .errors import NOTES, REASONS, ConfigError, DataError, SourceReport
 from .images import ImageCheckConfig, ResizeToTensor, check_image, load_image, to_rgb
 from .mixture import Mixture, build_mixture, format_report
 from .prepare import PreparedSource, prepare_source
+from .sampler import GroupedBatchSampler
 from .sources import Conversation, parse_record, read_records
 from .templates import TEMPLATES, ConversationTemplate, Piece, truncate_tail
 
@@ -25,5 +33,5 @@ __all__ = [
     "build_dataset", "NOTES", "REASONS", "ConfigError", "DataError", "SourceReport", "ImageCheckConfig",
     "ResizeToTensor", "check_image", "load_image", "to_rgb", "Mixture", "build_mixture", "format_report",
     "PreparedSource", "prepare_source", "Conversation", "parse_record", "read_records", "TEMPLATES",
-    "ConversationTemplate", "Piece", "truncate_tail",
+    "ConversationTemplate", "Piece", "truncate_tail", "GroupedBatchSampler", "build_demo_data",
 ]

@@ -1,0 +1,321 @@
+"""`mm-teamlora data demo --out DIR`: a small real training mix and a disjoint MMBench-style eval set.
+
+Writes, under `out`:
+- `train.json`: LLaVA conversation records (`id`, `image` relative to `out`, `conversations`);
+  about a quarter text-only (WordNet), the rest about one image each. Half of each source's
+  records are short answers (a word or phrase; LLaVA-1.5's "Answer the question using a single
+  word or phrase."), half are multiple-choice prompts answered with a letter, in LLaVA's MMBench
+  prompt form: `[hint\\n]question\\nA. ...\\nB. ...\\nC. ...\\nD. ...\\nAnswer with the option's
+  letter from the given choices directly.`
+- `images/`: one PNG per distinct training image.
+- `eval.tsv`: MMBench layout (`index, question, hint, A, B, C, D, answer, category, l2-category,
+  split, image`), every row four options, `answer` a letter, `split` = `dev`, `image` a base64 PNG;
+  text-only rows (WordNet categories) have an empty `image` (`eval_text_only=False` leaves them out).
+- `demo.yaml`: a mixture config over `train.json` that `mm_teamlora.data` accepts.
+- `demo_info.json`: counts by source and category, answer-letter counts, asset versions, the
+  disjointness report.
+
+Categories (eval `category` -> `l2-category`; training MC records use the same):
+| source | category | l2-category | question |
+| --- | --- | --- | --- |
+| shapes | color | perception | What color is the shape in the image? |
+| shapes | shape | perception | Which description matches the shape in the image? (colour + shape) |
+| shapes | corners | reasoning | How many corners does the shape in the image have? |
+| digits | digit | perception | Which digit is written in the image? |
+| digits | digit_arithmetic | reasoning | What is the digit in the image plus k? |
+| photos | photo | perception | Which caption best describes the image? |
+| wordnet | definition | knowledge | What is the meaning of the word "X"? (text-only) |
+| wordnet | hypernym | knowledge | Which word names a broader category that "X" belongs to? (text-only) |
+
+Disjointness is by construction (easy-VQA's train vs test split, a seeded digit split, whole photos
+split, WordNet lemmas split; evaluation distractors come from the evaluation side) and is then
+checked on the written files (`disjoint.check_disjoint`); a violation raises. Answer letters are
+assigned round-robin over each split's multiple-choice items, so every category's and every
+split's letter counts differ by at most one (checked too). Everything is seeded by `seed`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import time
+from collections import Counter
+
+import numpy as np
+from PIL import Image
+
+from ..config import MixtureConfig
+from .assets import DemoAssets, digit_to_rgb, load_assets
+from .disjoint import LETTERS, check_disjoint, check_letters_balanced, file_hash, pixel_hash, write_mmbench_tsv
+from .items import (L2_CATEGORIES, Item, assign_letters, digit_items, even_split, largest_remainder, noun_items,
+                    photo_items, item_prompt, shape_items)
+
+SOURCES = ("shapes", "digits", "photos", "wordnet")
+SHARES = {"shapes": 0.30, "digits": 0.25, "photos": 0.20, "wordnet": 0.25}  # of train and of eval
+MC_CATEGORIES = {"shapes": ("color", "shape", "corners"), "digits": ("digit", "digit_arithmetic"),
+                 "photos": ("photo",), "wordnet": ("definition", "hypernym")}
+DEFAULT_TRAIN_SIZE = 3000
+DEFAULT_EVAL_SIZE = 300
+DEFAULT_OUT = "runs/demo-data"
+DIGIT_SIZE = 64
+DIGIT_EVAL_FRACTION = 0.2
+MIN_PHOTOS_PER_SPLIT = 4  # four distinct captions make a multiple-choice question
+
+
+def _png_bytes(image: str | np.ndarray) -> bytes:
+    if isinstance(image, str):
+        with open(image, "rb") as f:
+            return f.read()
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def _hash(image: str | np.ndarray) -> str:
+    return file_hash(image) if isinstance(image, str) else pixel_hash(image)
+
+
+def mixture_yaml(train_json: str, image_root: str, eval_tsv: str, header: str = "") -> str:
+    """The demo mixture config as YAML text; paths are written as given (relative to the YAML)."""
+    return f"""{header}# The demo training mix (LLaVA JSON, images under image_root) written by `mm-teamlora data demo`.
+# Evaluation set (MMBench TSV, disjoint from training by image and by question): {eval_tsv}
+# Check it without training:  mm-teamlora data check <this file>
+name: demo
+template: chat               # the tokenizer's own chat template
+tokenizer: tiny              # for `data check` only; training passes the model's tokenizer
+max_length: 512              # counted with image_token_count tokens per image
+image_token_count: 64        # the embedded default's tokens per image; training passes the model's
+seed: 0
+on_error: raise
+truncation: tail
+sources:
+  - name: demo_train
+    path: {train_json}
+    format: llava
+    image_root: {image_root}
+images:
+  min_side: 8
+"""
+
+
+CHECKED_IN_HEADER = """# Checked-in copy pointing at the default output folder (paths relative to data_configs/):
+#   mm-teamlora data demo --out runs/demo-data     (run from the repository root first)
+# The builder also writes a demo.yaml next to its output, for any --out.
+"""
+
+
+def _prepare_out(out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    images = os.path.join(out, "images")
+    if os.path.isdir(images) and os.listdir(images):
+        if not os.path.isfile(os.path.join(out, "demo_info.json")):
+            raise FileExistsError(f"{images} exists and is not from a previous demo build; choose an empty --out")
+        shutil.rmtree(images)
+    os.makedirs(images, exist_ok=True)
+
+
+def build_demo_data(out: str = DEFAULT_OUT, seed: int = 0, train_size: int | None = None,
+                    eval_size: int | None = None, sources: tuple[str, ...] | list[str] = SOURCES,
+                    wordnet_dir: str | None = None, eval_text_only: bool = True,
+                    assets: DemoAssets | None = None, verbose: bool = False) -> dict:
+    """Build the demo training mix and evaluation set under `out` (see the module doc); returns the
+    counts and paths (also written to `out/demo_info.json`).
+
+    `sources`: which assets to use (shares renormalised). `wordnet_dir`: WordNet's database folder
+    (default `$WNSEARCHDIR` or `/usr/share/wordnet`). `assets`: already loaded assets (tests pass
+    small hand-made ones); otherwise the installed packages are loaded and a missing one raises
+    `AssetMissingError` with its install command. Raises `DisjointnessError` when the written
+    evaluation set shares an image or a text question with the training set."""
+    start = time.time()
+    sources = tuple(sources)
+    unknown = sorted(set(sources) - set(SOURCES))
+    if unknown or not sources:
+        raise ValueError(f"sources must be a non-empty subset of {SOURCES}, got {sources}")
+    train_size = DEFAULT_TRAIN_SIZE if train_size is None else train_size
+    eval_size = DEFAULT_EVAL_SIZE if eval_size is None else eval_size
+    if train_size < 1 or eval_size < 1:
+        raise ValueError("train_size and eval_size must be positive")
+    if assets is None:
+        assets = load_assets(sources, wordnet_dir)
+    loaded = time.time()
+
+    shares = {s: SHARES[s] for s in SOURCES if s in sources}
+    n_train = largest_remainder(train_size, shares)
+    eval_shares = {s: w for s, w in shares.items() if eval_text_only or s != "wordnet"}
+    if not eval_shares:
+        raise ValueError("eval_text_only=False with sources=('wordnet',) leaves no evaluation questions")
+    n_eval = largest_remainder(eval_size, eval_shares)
+    train_items: list[Item] = []
+    eval_items: list[Item] = []
+    train_hashes: set[str] = set()
+
+    def rng_for(source: str, split: str) -> np.random.Generator:
+        return np.random.default_rng([seed, SOURCES.index(source), 0 if split == "train" else 1])
+
+    def split_counts(source: str, n: int, train: bool) -> tuple[int, dict[str, int]]:
+        n_mc = n // 2 if train else n
+        return n - n_mc, even_split(n_mc, MC_CATEGORIES[source])
+
+    if "shapes" in sources:
+        if not assets.shapes_train or not assets.shapes_test:
+            raise ValueError("the shapes source needs easy-VQA train and test images")
+        items = shape_items(assets.shapes_train, *split_counts("shapes", n_train["shapes"], True),
+                             rng_for("shapes", "train"))
+        train_items += items
+        train_hashes |= {_hash(i.image) for i in {i.image_key: i for i in items}.values()}
+        # evaluation images from the test split, skipping any whose pixels a training image has
+        candidates = list(assets.shapes_test)
+        order = rng_for("shapes", "eval").permutation(len(candidates))
+        need = n_eval.get("shapes", 0)
+        pool = []
+        for k in order:
+            if len(pool) >= max(need, 1):
+                break
+            if _hash(candidates[k].image) not in train_hashes:
+                pool.append(candidates[k])
+        if need and not pool:
+            raise ValueError("every easy-VQA test image has the pixels of a training image")
+        if need:
+            eval_items += shape_items(pool, 0, even_split(need, MC_CATEGORIES["shapes"]), rng_for("shapes", "eval"))
+
+    if "digits" in sources:
+        labels = assets.digit_labels
+        if len(labels) < 8:
+            raise ValueError("the digits source needs at least 8 digits")
+        rng = np.random.default_rng([seed, SOURCES.index("digits"), 2])
+        order = [int(i) for i in rng.permutation(len(labels))]
+        n_eval_pool = max(1, int(round(len(order) * DIGIT_EVAL_FRACTION)))
+        train_idx = order[n_eval_pool:]
+        pixels = {i: digit_to_rgb(assets.digit_images[i], DIGIT_SIZE) for i in order}
+        train_digit_hashes = {pixel_hash(pixels[i]) for i in train_idx}
+        eval_idx = [i for i in order[:n_eval_pool] if pixel_hash(pixels[i]) not in train_digit_hashes]
+        train_items += digit_items(train_idx, labels, pixels, *split_counts("digits", n_train["digits"], True),
+                                    rng_for("digits", "train"))
+        if n_eval.get("digits") and not eval_idx:
+            raise ValueError("every held-out digit has the pixels of a training digit")
+        if n_eval.get("digits"):
+            eval_items += digit_items(eval_idx, labels, pixels, 0, even_split(n_eval["digits"], MC_CATEGORIES["digits"]),
+                                       rng_for("digits", "eval"))
+
+    if "photos" in sources:
+        photos = assets.photos
+        if len(photos) < 2 * MIN_PHOTOS_PER_SPLIT:
+            raise ValueError(f"the photos source needs at least {2 * MIN_PHOTOS_PER_SPLIT} photos, got {len(photos)}")
+        rng = np.random.default_rng([seed, SOURCES.index("photos"), 2])
+        order = [photos[i] for i in rng.permutation(len(photos))]
+        n_eval_photos = max(MIN_PHOTOS_PER_SPLIT, int(round(len(photos) * 0.25)))
+        eval_photos, train_photos = order[:n_eval_photos], order[n_eval_photos:]
+        train_items += photo_items(train_photos, *split_counts("photos", n_train["photos"], True),
+                                    rng_for("photos", "train"), "train")
+        if n_eval.get("photos"):
+            eval_items += photo_items(eval_photos, 0, even_split(n_eval["photos"], MC_CATEGORIES["photos"]),
+                                       rng_for("photos", "eval"), "eval")
+
+    if "wordnet" in sources:
+        nouns = assets.nouns
+        if len(nouns) < 16:
+            raise ValueError(f"the wordnet source needs at least 16 nouns, got {len(nouns)}")
+        rng = np.random.default_rng([seed, SOURCES.index("wordnet"), 2])
+        order = [nouns[i] for i in rng.permutation(len(nouns))]
+        n_eval_wn = n_eval.get("wordnet", 0)
+        n_eval_pool = max(8, min(len(order) // 4, 2 * n_eval_wn)) if n_eval_wn else 0
+        eval_pool, train_pool = order[:n_eval_pool], order[n_eval_pool:]
+        train_items += noun_items(train_pool, *split_counts("wordnet", n_train["wordnet"], True),
+                                   rng_for("wordnet", "train"), spare=[])
+        if n_eval_wn:
+            eval_items += noun_items(eval_pool, 0, even_split(n_eval_wn, MC_CATEGORIES["wordnet"]),
+                                      rng_for("wordnet", "eval"), spare=train_pool)
+
+    rng = np.random.default_rng([seed, 99])
+    assign_letters(train_items, rng)
+    assign_letters(eval_items, rng)
+    train_items = [train_items[i] for i in rng.permutation(len(train_items))]
+    eval_items = [eval_items[i] for i in rng.permutation(len(eval_items))]
+
+    # ---- write
+    _prepare_out(out)
+    written: dict[str, str] = {}
+    records = []
+    for n, item in enumerate(train_items):
+        kind = "short" if item.distractors is None else item.category
+        record = {"id": f"demo-{n:05d}-{item.source}-{kind}"}
+        prompt = item_prompt(item)
+        if item.image is not None:
+            if item.image_key not in written:
+                rel = f"images/{item.image_key}.png"
+                with open(os.path.join(out, rel), "wb") as f:
+                    f.write(_png_bytes(item.image))
+                written[item.image_key] = rel
+            record["image"] = written[item.image_key]
+            prompt = "<image>\n" + prompt
+        answer = item.letter if item.distractors is not None else item.answer
+        record["conversations"] = [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+        records.append(record)
+    train_json = os.path.join(out, "train.json")
+    with open(train_json, "w", encoding="utf-8") as f:
+        json.dump(records, f, ensure_ascii=False, indent=1)
+
+    rows = []
+    for n, item in enumerate(eval_items):
+        row = {"index": n, "question": item.question, "hint": item.hint,
+               **dict(zip(LETTERS, item.options)), "answer": item.letter, "category": item.category,
+               "l2-category": L2_CATEGORIES[item.category], "split": "dev",
+               "image": base64.b64encode(_png_bytes(item.image)).decode("ascii") if item.image is not None else ""}
+        rows.append(row)
+    eval_tsv = os.path.join(out, "eval.tsv")
+    write_mmbench_tsv(eval_tsv, rows)
+
+    # ---- checks on what was written
+    disjoint = check_disjoint(train_json, eval_tsv, out)
+    train_mc = [i for i in train_items if i.distractors is not None]
+    letters = {"train": check_letters_balanced([i.letter for i in train_mc], "train"),
+               "eval": check_letters_balanced([i.letter for i in eval_items], "eval")}
+    for split, items in (("train", train_mc), ("eval", eval_items)):
+        for category in sorted({i.category for i in items}):
+            check_letters_balanced([i.letter for i in items if i.category == category], f"{split} {category}")
+
+    config_path = os.path.join(out, "demo.yaml")
+    with open(config_path, "w", encoding="utf-8") as f:
+        f.write(mixture_yaml("train.json", ".", "eval.tsv"))
+    MixtureConfig.from_yaml(config_path)  # the data pipeline accepts it
+
+    def by(items, key):
+        return dict(sorted(Counter(key(i) for i in items).items()))
+
+    info = {
+        "out": os.path.abspath(out), "train": train_json, "eval": eval_tsv, "config": config_path,
+        "seed": seed, "train_records": len(records),
+        "train_text_only": sum(i.image is None for i in train_items),
+        "train_short_answer": sum(i.distractors is None for i in train_items),
+        "train_multiple_choice": len(train_mc), "train_image_files": len(written),
+        "eval_questions": len(rows), "eval_text_only": sum(i.image is None for i in eval_items),
+        "train_by_source": by(train_items, lambda i: i.source),
+        "train_mc_by_category": by(train_mc, lambda i: i.category),
+        "eval_by_category": by(eval_items, lambda i: i.category),
+        "eval_by_l2_category": by(eval_items, lambda i: L2_CATEGORIES[i.category]),
+        "answer_letters": letters, "disjointness": disjoint, "assets": dict(assets.versions),
+        "seconds": {"load_assets": round(loaded - start, 2), "total": round(time.time() - start, 2)},
+    }
+    with open(os.path.join(out, "demo_info.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+    if verbose:
+        print(format_summary(info))
+    return info
+
+
+def format_summary(info: dict) -> str:
+    return "\n".join([
+        f"demo data in {info['out']} ({info['seconds']['total']:.1f} s)",
+        f"  train.json: {info['train_records']} records ({info['train_text_only']} text-only, "
+        f"{info['train_short_answer']} short answers, {info['train_multiple_choice']} multiple choice), "
+        f"{info['train_image_files']} images; by source {info['train_by_source']}",
+        f"  eval.tsv: {info['eval_questions']} questions ({info['eval_text_only']} text-only); "
+        f"by category {info['eval_by_category']}",
+        f"  answer letters: train {info['answer_letters']['train']}, eval {info['answer_letters']['eval']}",
+        "  disjoint: {shared_images} shared images, {shared_questions} shared questions, "
+        "{shared_terms} shared terms".format(**info["disjointness"]),
+        f"  config: {info['config']}",
+    ])
