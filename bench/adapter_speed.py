@@ -125,6 +125,7 @@ def layer_level(tokens: int, repeats: int) -> tuple[dict, dict]:
     memory = {}
     for label, m in modules.items():
         act = saved_bytes(lambda: m(x.clone().requires_grad_(True)))
+        collect_aux_loss(m)  # release the graph the routed layers' balance losses hold
         params, optim = trainable_bytes(m)
         memory[label] = act + params + optim
     table(f"Layer level: SmolLM2-135M MLP block, {tokens} tokens, rank {RANK}, fp32, forward+backward",
@@ -151,6 +152,7 @@ def model_level(tokens: int, repeats: int) -> tuple[dict, dict]:
         steps[label] = step
         params, optim = trainable_bytes(model)
         memory[label] = saved_bytes(lambda: model(input_ids=ids, labels=ids).loss) + params + optim
+        collect_aux_loss(model)  # release the graph the routed layers' balance losses hold
     times = measure(steps, steps, repeats, inner=1)
     table(f"Whole-model step: SmolLM2-135M config (random weights), {tokens} tokens, all-linear, "
           f"rank {RANK}, fp32, AdamW", rows, "LoRA", times, memory)

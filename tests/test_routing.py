@@ -187,6 +187,9 @@ def test_aux_loss_is_a_weighted_mean_over_layers(batch):
     model(input_ids=ids, attention_mask=mask)
     losses = [layer.balance_loss for layer in adapter_layers(model).values()]
     torch.testing.assert_close(collect_aux_loss(model), 0.25 * torch.stack(losses).mean())
+    # collecting releases the layers' references (each holds the forward's graph alive)
+    assert all(layer.balance_loss is None for layer in adapter_layers(model).values())
+    assert collect_aux_loss(model) == 0
     assert collect_aux_loss(adapted(method="lora")) == 0
 
 

@@ -143,9 +143,14 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
 
 def collect_aux_loss(model: nn.Module) -> torch.Tensor:
     """balance_weight * mean over routed layers of their balance loss from the last forward.
-    Zero when the method has no router, the weight is 0, or the last forward ran without grad."""
-    losses = [m.balance_loss for m in adapter_layers(model).values()
-              if isinstance(m, RoutedAdapterLayer) and m.balance_loss is not None]
+    Zero when the method has no router, the weight is 0, or the last forward ran without grad.
+
+    Collecting hands the losses over: the layers drop their references, because each loss holds the
+    forward's autograd graph (and its saved activations) alive for as long as it is referenced."""
+    layers = [m for m in adapter_layers(model).values() if isinstance(m, RoutedAdapterLayer)]
+    losses = [m.balance_loss for m in layers if m.balance_loss is not None]
+    for layer in layers:
+        layer.balance_loss = None
     if not losses:
         return torch.zeros(())
     return adapter_config(model).balance_weight * torch.stack(losses).mean()

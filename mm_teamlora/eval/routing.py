@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from ..adapters import record_routing
+from ..adapters.routing import js_divergence
 from ..constants import GROUP_IMAGE, GROUP_NAMES, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE, IMAGE_PLACEHOLDER_ID
 from ..data.errors import DataError, ErrorPolicy, RecordProblem, SourceReport
 from ..data.images import ImageCheckConfig, check_image, load_image, resolve_image_path
@@ -182,16 +183,6 @@ def record_samples(model, samples: list[RoutingSample], batch_size: int = 8, pro
     return totals
 
 
-def _js_bits(p: torch.Tensor, q: torch.Tensor) -> float:
-    m = (p + q) / 2
-
-    def kl(a: torch.Tensor) -> float:
-        nz = a > 0
-        return float((a[nz] * (a[nz] / m[nz]).log2()).sum())
-
-    return (kl(p) + kl(q)) / 2
-
-
 def mutual_information_bits(joint: torch.Tensor) -> float:
     """I(E; G) in bits of a non-negative (groups, experts) table of joint masses or counts."""
     total = joint.sum()
@@ -219,7 +210,7 @@ def separation(parts: dict[str, torch.Tensor]) -> dict:
         mean["image_grounded"] = sum(prob[g] for g in grounded) / sum(tokens[g] for g in grounded)
     pairs = [("image", "text_only"), ("text_with_image", "text_only"), ("image", "text_with_image"),
              ("image_grounded", "text_only")]
-    js = {f"{a}_vs_{b}": _js_bits(mean[a], mean[b]) for a, b in pairs if a in mean and b in mean}
+    js = {f"{a}_vs_{b}": js_divergence(mean[a], mean[b]) for a, b in pairs if a in mean and b in mean}
     headline = next((k for k in ("image_vs_text_only", "image_vs_text_with_image") if k in js), None)
     rows = torch.tensor(present, dtype=torch.long)
     return {"js_bits": js, "headline": headline, "headline_js_bits": js.get(headline),
