@@ -66,7 +66,7 @@ def saved_bytes(fn) -> int:
 
     def pack(t):
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+        return t.detach()  # not `t`: a saved output would then hold its own grad_fn, a cycle that leaks
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
