@@ -42,13 +42,16 @@ class TeamLoRALinear(RoutedAdapterLayer):
         else:
             self.competition = None
 
-    def expert_weights(self, probs: torch.Tensor) -> torch.Tensor:
-        """w from router probabilities phi (N, k), float32; entries sum to k (see module doc)."""
+    def _interaction(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """v = phi (I + M) and the normaliser `total` of w = k v / total (see module doc)."""
         v = probs if self.competition is None else torch.addmm(probs, probs, self.competition.float())
         if self.config.competition_norm == "reference":
-            total = v.sum(-1, keepdim=True)
-        else:
-            total = torch.linalg.vector_norm(v, ord=1, dim=-1, keepdim=True).clamp_min(1e-6)
+            return v, v.sum(-1, keepdim=True)
+        return v, torch.linalg.vector_norm(v, ord=1, dim=-1, keepdim=True).clamp_min(1e-6)
+
+    def expert_weights(self, probs: torch.Tensor) -> torch.Tensor:
+        """w from router probabilities phi (N, k), float32; entries sum to k (see module doc)."""
+        v, total = self._interaction(probs)
         return v * (self.num_experts / total)
 
     def _down_weight(self) -> torch.Tensor:
@@ -71,10 +74,13 @@ class TeamLoRALinear(RoutedAdapterLayer):
         else:
             z, logits = F.linear(xa, self.lora_A), F.linear(xa, self.router)
         probs = self.router_probs(logits.reshape(-1, k), groups)
-        weights = self.expert_weights(probs)
-        self._observe(probs, weights, groups, mask, replay)
-        # s and w_i both scale chunk i, so fold s into w: one (N, k) multiply instead of (N, r)
-        scale = (weights * self.scaling).to(z.dtype).view(*x.shape[:-1], k)
+        v, total = self._interaction(probs)
+        if self.recorder is not None or torch.is_grad_enabled() or self.training:
+            self._observe(probs, v * (k / total), groups, mask, replay)
+        else:
+            self.balance_loss = None  # an inference forward (e.g. a decode step): nothing to observe
+        # w_i = k v_i / total and s both scale chunk i: fold them into one (N, k) factor, not (N, r)
+        scale = (v * ((k * self.scaling) / total)).to(z.dtype).view(*x.shape[:-1], k)
         if self.config.implementation == "loop":
             for i in range(k):
                 cols = slice(i * self.expert_rank, (i + 1) * self.expert_rank)
