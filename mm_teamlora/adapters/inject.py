@@ -62,14 +62,15 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     targets = config.target_modules
     if isinstance(targets, list):
         chosen = [n for n in linear if matches_name(n, targets)]
-        for pattern in targets:
-            for name, module in model.named_modules():
-                if (name == pattern or name.endswith("." + pattern)) and not is_adaptable(module):
-                    if not isinstance(module, AdapterLayer) and not any(True for _ in module.children()):
-                        raise TypeError(
-                            f"target {pattern!r} matches {name!r}, a {type(module).__name__}; only "
-                            f"nn.Linear and Conv1D layers can be adapted"
-                        )
+        for name, module in model.named_modules():
+            # a named leaf that is not linear (an Embedding, a norm) is a mistake worth naming
+            is_leaf = next(module.children(), None) is None
+            if is_leaf and not is_adaptable(module) and matches_name(name, targets):
+                pattern = next(p for p in targets if matches_name(name, [p]))
+                raise TypeError(
+                    f"target {pattern!r} matches {name!r}, a {type(module).__name__}; only "
+                    f"nn.Linear and Conv1D layers can be adapted"
+                )
         missing = [p for p in targets if not any(matches_name(n, [p]) for n in linear)]
         if missing and len(missing) < len(targets):
             logger.warning("target_modules entries that match no linear layer: %s", missing)

@@ -51,6 +51,14 @@ def atomic_write(path: str, write) -> None:
             os.remove(tmp)
 
 
+def atomic_write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
 def _to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
@@ -69,7 +77,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, format: str = "
     tensors = _to_cpu(adapter_state_dict(model))
     atomic_write(os.path.join(directory, WEIGHTS_FILE),
                   lambda p: save_file(tensors, p, metadata={"format": "pt", "method": config.method}))
-    atomic_write(os.path.join(directory, CONFIG_FILE), lambda p: open(p, "w").write(config.to_json() + "\n"))
+    atomic_write_text(os.path.join(directory, CONFIG_FILE), config.to_json() + "\n")
     return directory
 
 
@@ -149,8 +157,7 @@ def _save_peft(model: nn.Module, config: AdapterConfig, directory: str, base_nam
     }
     tensors = _to_cpu(tensors)
     atomic_write(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(os.path.join(directory, CONFIG_FILE),
-                  lambda p: open(p, "w").write(json.dumps(peft_config, indent=2) + "\n"))
+    atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(peft_config, indent=2) + "\n")
     return directory
 
 

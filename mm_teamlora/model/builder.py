@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..adapters import adapter_layers, load_adapter, save_adapter
-from ..adapters.state import atomic_write
+from ..adapters.state import atomic_write, atomic_write_text
 from .multimodal import MultimodalLM
 from .projector import PROJECTOR_TYPES, build_projector
 from .vision import VisionTowerConfig, hf_vision_tower, load_hf_vision_tower, load_open_clip_tower
@@ -180,7 +180,7 @@ def save_multimodal(model: MultimodalLM, directory: str) -> str:
     if adapter_layers(model.language_model):
         save_adapter(model.language_model, directory)
     text = json.dumps(model.config.to_dict(), indent=2)
-    atomic_write(os.path.join(directory, CONFIG_FILE), lambda p: open(p, "w").write(text + "\n"))
+    atomic_write_text(os.path.join(directory, CONFIG_FILE), text + "\n")
     return directory
 
 

@@ -57,7 +57,7 @@ def load_projector_bin(path: str) -> dict[str, torch.Tensor]:
 
 def load_original_language_model(path: str, dtype: torch.dtype):
     """A LLaVA LM folder; `model_type: llava` (LlavaLlamaForCausalLM) loads as a plain Llama."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
     import json
 
     if not os.path.isdir(path):
@@ -68,7 +68,6 @@ def load_original_language_model(path: str, dtype: torch.dtype):
         config = LlamaConfig(**{k: v for k, v in raw.items() if not k.startswith("mm_") and k != "model_type"})
         model = LlamaForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     else:
-        AutoConfig.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     mm = {k: v for k, v in raw.items() if k.startswith("mm_")}
     return model, AutoTokenizer.from_pretrained(path), mm
