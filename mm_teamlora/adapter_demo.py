@@ -99,8 +99,10 @@ def run_adapter_demo(steps: int = 150, out: str = "runs/adapter-demo", seed: int
         print(f"{name}: loss {losses[0]:.3f} -> {results[name]['last_loss']:.3f} in {steps} steps "
               f"({time.perf_counter() - start:.1f} s); held-out accuracy group0 {acc[0]:.1%}, group1 {acc[1]:.1%}")
     ids, mask, groups, _ = held_out
-    with torch.no_grad(), record_routing(model) as record, routing_context(groups, mask):
-        expected = model(input_ids=ids, attention_mask=mask.long()).logits
+    with torch.no_grad(), routing_context(groups, mask):
+        with record_routing(model) as record:
+            model(input_ids=ids, attention_mask=mask.long())
+        expected = model(input_ids=ids, attention_mask=mask.long()).logits  # the form `reloaded` runs
     print("\nTeamLoRA routing by group (mean router probability per expert, real tokens only):")
     separation = record.separation(0, 1)
     for layer_name, stats in record.summary().items():

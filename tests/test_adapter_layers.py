@@ -1,9 +1,11 @@
 """Exact equivalences the methods promise, on tiny Llama, Qwen2 and GPT-2 models."""
 
+import copy
+
 import pytest
 import torch
 
-from mm_teamlora.adapters import AdapterConfig, adapter_layers, apply_adapters
+from mm_teamlora.adapters import AdapterConfig, adapter_layers, apply_adapters, record_routing
 from conftest import tiny_model
 from helpers import adapted, grads, randomize_adapters
 
@@ -180,16 +182,102 @@ def test_bf16_training_step_runs_and_keeps_dtypes(method, batch):
         assert layer.lora_A.dtype == torch.bfloat16 and layer.lora_A.grad is not None
 
 
-def test_generation_cache_of_the_fused_down_weight_follows_parameter_updates(batch):
+@pytest.mark.parametrize("competition_norm", ["l1", "reference"])
+@pytest.mark.parametrize("competition", [True, False])
+@pytest.mark.parametrize("group_routing", [True, False])
+def test_teamlora_inference_forward_equals_the_training_forward(competition_norm, competition, group_routing, batch):
+    """Eval without grad runs a separate few-op form (cached [k s A; R], folded interaction):
+    same logits as the observed form, under no_grad and inference_mode, with and without groups."""
+    from mm_teamlora.adapters import routing_context
     ids, mask = batch
-    model = adapted(method="teamlora")
+    groups = torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(5))
+    model = adapted(method="teamlora", competition_norm=competition_norm, competition=competition,
+                    group_routing=group_routing).eval()
+    randomize_adapters(model)
+    outputs = []
+    for context in (groups, None):
+        with routing_context(context):
+            observed = model(input_ids=ids, attention_mask=mask).logits.detach()  # grad on: training form
+            with torch.no_grad():
+                plain = model(input_ids=ids, attention_mask=mask).logits
+            with torch.inference_mode():
+                fast = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(plain, observed, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast, observed, rtol=1e-5, atol=1e-5)
+        outputs.append(fast)
+    assert torch.allclose(*outputs) != group_routing  # the groups reached the inference form
+
+
+def test_teamlora_inference_forward_applies_the_l1_guard_like_the_training_forward(batch):
+    """With I + M singular and near-uniform routing, |v|_1 falls below the guard for most tokens
+    (weights well inside (-1, 1) instead of +-1): both forms clamp alike. float64 resolves v."""
+    ids, mask = batch
+    model = adapted(method="teamlora", num_experts=2, r=8, dtype=torch.float64).eval()
     randomize_adapters(model)
     with torch.no_grad():
-        first = model(input_ids=ids, attention_mask=mask).logits
         for layer in adapter_layers(model).values():
-            layer.lora_A.mul_(1.5)  # an in-place update, like an optimizer step
-            layer.router.add_(0.1)
-        cached = model(input_ids=ids, attention_mask=mask).logits
-    fresh = model(input_ids=ids, attention_mask=mask).logits  # with grad: no cache involved
-    assert not torch.allclose(first, cached)
-    torch.testing.assert_close(cached, fresh.detach())
+            layer.competition.copy_(torch.tensor([[0.0, -1.0], [-1.0, 0.0]]))  # v = (p1 - p2, p2 - p1)
+            layer.router.mul_(1e-6)  # p1 - p2 of order 1e-7
+    with record_routing(model) as record:
+        observed = model(input_ids=ids, attention_mask=mask).logits.detach()
+    mean_abs_weight = torch.stack([s.weight_sum.abs().sum() / s.tokens.sum() / 2 for s in record.layers.values()])
+    assert mean_abs_weight.max() < 0.9  # unclamped, every |w_i| would be exactly 1
+    with torch.no_grad():
+        fast = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(fast, observed, rtol=1e-5, atol=1e-5)
+
+
+def test_teamlora_inference_forward_in_bf16_is_as_accurate_as_the_training_forward(batch):
+    """Both bf16 forms against the same weights in float32: the few-op form rounds in other places
+    (a single chaotic position can differ more), but its mean error must stay of the training
+    form's size; a wrong term would make it as large as the logits."""
+    from mm_teamlora.adapters import routing_context
+    ids, mask = batch
+    model = adapted(method="teamlora", group_routing=True, dtype=torch.bfloat16).eval()
+    randomize_adapters(model, scale=0.1)
+    reference = copy.deepcopy(model).float()
+    with routing_context(torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(5))):
+        exact = reference(input_ids=ids, attention_mask=mask).logits.detach()
+        observed = model(input_ids=ids, attention_mask=mask).logits.detach()
+        with torch.no_grad():
+            fast = model(input_ids=ids, attention_mask=mask).logits
+    assert fast.dtype == torch.bfloat16
+    observed_error = (observed.float() - exact).abs().mean()
+    assert (fast.float() - exact).abs().mean() <= 1.5 * observed_error < exact.abs().mean() / 10
+
+
+def test_inference_caches_follow_every_parameter_and_the_routing_context(batch):
+    """The cached matrices of the inference form are rebuilt after any in-place update (an
+    optimizer step, a load) or a data assignment, and the group bias after a new context."""
+    from mm_teamlora.adapters import routing_context
+    ids, mask = batch
+    model = adapted(method="teamlora", group_routing=True).eval()
+    randomize_adapters(model)
+    layers = list(adapter_layers(model).values())
+    groups = torch.zeros_like(ids)
+    changes = [
+        lambda layer: layer.lora_A.mul_(1.5),
+        lambda layer: layer.lora_B.add_(0.1),
+        lambda layer: layer.router.add_(0.1),
+        lambda layer: layer.competition.mul_(-1.0),
+        lambda layer: layer.group_bias.add_(torch.arange(layer.group_bias.numel()).view_as(layer.group_bias)),
+        lambda layer: setattr(layer.lora_B, "data", layer.lora_B.data * 2),
+    ]
+    for change in changes:
+        with routing_context(groups), torch.no_grad():
+            before = model(input_ids=ids, attention_mask=mask).logits
+            for layer in layers:
+                change(layer)
+            cached = model(input_ids=ids, attention_mask=mask).logits
+        with routing_context(groups):
+            fresh = model(input_ids=ids, attention_mask=mask).logits.detach()
+        assert not torch.allclose(before, cached)
+        torch.testing.assert_close(cached, fresh)
+    with torch.no_grad():
+        with routing_context(groups):
+            first = model(input_ids=ids, attention_mask=mask).logits
+        with routing_context(groups + 1):  # same grid, other groups: a new bias
+            second = model(input_ids=ids, attention_mask=mask).logits
+    with routing_context(groups + 1):
+        torch.testing.assert_close(second, model(input_ids=ids, attention_mask=mask).logits.detach())
+    assert not torch.allclose(first, second)

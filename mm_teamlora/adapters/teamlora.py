@@ -15,9 +15,15 @@ With `competition` off, v = phi and w = k * phi. With every w_i = 1 the layer is
 LoRA with scaling alpha / r_b. The fused form computes the whole update with one GEMM for [A; R]
 and one for [B_1 ... B_k]:  sum_i w_i B_i z_i = [B_1 ... B_k] (z * repeat_interleave(w, r_b)).
 The loop form (`implementation="loop"`) is the readable reference, one matmul per expert.
+
+Generation (eval mode, no grad, no recorder) runs the fused maths in fewer ops with matrices cached
+between calls (`_forward_inference`): a decode step is many layers on a handful of tokens, where
+each op costs more than its arithmetic.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +32,17 @@ from torch import nn
 from .config import AdapterConfig
 from .lora import kaiming_uniform
 from .routed import RoutedAdapterLayer, fixed_expert_weights
+from .routing import current_routing
+
+L1_GUARD = 1e-6  # w = k v / max(|v|_1, L1_GUARD)
 
 
 class TeamLoRALinear(RoutedAdapterLayer):
     def __init__(self, base_layer: nn.Module, config: AdapterConfig, generator: torch.Generator):
         super().__init__(base_layer, config, generator)
         self.expert_rank = config.expert_rank
-        self._down_cache = None
+        self._fused = config.implementation == "fused"
+        self._plan = self._bias_cache = None  # caches of _forward_inference
         self.lora_A = self._param(kaiming_uniform((config.r, self.in_features), self.in_features, generator))
         # [B_1 ... B_k] side by side: expert i owns columns i*r_b .. (i+1)*r_b
         self.lora_B = self._param(torch.zeros(self.out_features, config.r))
@@ -47,41 +57,35 @@ class TeamLoRALinear(RoutedAdapterLayer):
         v = probs if self.competition is None else torch.addmm(probs, probs, self.competition.float())
         if self.config.competition_norm == "reference":
             return v, v.sum(-1, keepdim=True)
-        return v, torch.linalg.vector_norm(v, ord=1, dim=-1, keepdim=True).clamp_min(1e-6)
+        return v, torch.linalg.vector_norm(v, ord=1, dim=-1, keepdim=True).clamp_min(L1_GUARD)
 
     def expert_weights(self, probs: torch.Tensor) -> torch.Tensor:
         """w from router probabilities phi (N, k), float32; entries sum to k (see module doc)."""
         v, total = self._interaction(probs)
         return v * (self.num_experts / total)
 
-    def _down_weight(self) -> torch.Tensor:
-        """[A; R] for the fused GEMM. Without grad (generation) the concatenation is cached and
-        rebuilt only when A or R change (an optimizer step or a load bumps their version)."""
-        if torch.is_grad_enabled():
-            return torch.cat([self.lora_A, self.router])
-        key = (self.lora_A._version, self.router._version, self.lora_A.data_ptr(), self.router.data_ptr())
-        if self._down_cache is None or self._down_cache[0] != key:
-            self._down_cache = (key, torch.cat([self.lora_A, self.router]).detach())
-        return self._down_cache[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled() or self.recorder is not None or not self._fused:
+            return self._forward_observed(x)
+        return self._forward_inference(x)
+
+    def _forward_observed(self, x: torch.Tensor) -> torch.Tensor:
+        """The training form (also eval with grad, under the recorder, and the loop form): keeps
+        the balance loss and feeds the recorder."""
         result = self.base_layer(x)
         groups, mask, replay = self._routing_inputs(x)
         xa = x.to(self.lora_A.dtype)
         r, k = self.config.r, self.num_experts
-        if self.config.implementation == "fused":
-            z, logits = F.linear(xa, self._down_weight()).split([r, k], dim=-1)
+        if self._fused:
+            z, logits = F.linear(xa, torch.cat([self.lora_A, self.router])).split([r, k], dim=-1)
         else:
             z, logits = F.linear(xa, self.lora_A), F.linear(xa, self.router)
         probs = self.router_probs(logits.reshape(-1, k), groups)
         v, total = self._interaction(probs)
-        if self.recorder is not None or torch.is_grad_enabled() or self.training:
-            self._observe(probs, v * (k / total), groups, mask, replay)
-        else:
-            self.balance_loss = None  # an inference forward (e.g. a decode step): nothing to observe
+        self._observe(probs, v * (k / total), groups, mask, replay)
         # w_i = k v_i / total and s both scale chunk i: fold them into one (N, k) factor, not (N, r)
         scale = (v * ((k * self.scaling) / total)).to(z.dtype).view(*x.shape[:-1], k)
-        if self.config.implementation == "loop":
+        if not self._fused:
             for i in range(k):
                 cols = slice(i * self.expert_rank, (i + 1) * self.expert_rank)
                 h_i = F.linear(self._drop(z[..., cols]), self.lora_B[:, cols])
@@ -90,7 +94,87 @@ class TeamLoRALinear(RoutedAdapterLayer):
         z = self._drop(z).unflatten(-1, (k, self.expert_rank)) * scale.unsqueeze(-1)
         return self._add_update(result, z.flatten(-2), self.lora_B)
 
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same maths in the fewest ops, for generation (eval, no grad, no recorder). A decode
+        step runs every adapted layer on a handful of tokens, where each op costs more than its
+        arithmetic, so two GEMMs with cached matrices do the routing. With E (k x r) sending
+        expert i to its r_b columns, q = rep(v) = phi (I + M) E sums to r_b sum(v), and
+            [c z, logits] = x [c A; R]^T   (logits += g[group])  c = r_b k s
+            update        = c z * q / max(|q|_1, r_b eps)       (`l1`; `reference`: / sum(q))
+        equals k s z * rep(v) / max(|v|_1, eps) = s z * rep(w), the module-doc update."""
+        result = self.base_layer(x)
+        plan = self._inference_plan()
+        h = x.reshape(-1, self.in_features)
+        if h.dtype != plan.dtype:
+            h = h.to(plan.dtype)
+        # split_with_sizes, not Tensor.split: the same views without a Python-level wrapper
+        z, logits = torch.mm(h, plan.down_t).split_with_sizes(plan.split, dim=-1)
+        if self.group_bias is not None and (bias := self._inference_bias(x.shape[:-1], x.device)) is not None:
+            logits.add_(bias)
+        q = logits.softmax(-1, dtype=torch.float32) @ plan.mix
+        if plan.reference_norm:
+            total = q.sum(-1, keepdim=True)
+        else:
+            total = torch.linalg.vector_norm(q, 1, -1, keepdim=True).clamp_min_(plan.eps)
+        update = (z * q).div_(total)  # float32 for a low-precision z: one rounding, just below
+        if update.dtype != plan.dtype:
+            update = update.to(plan.dtype)
+        if self.balance_loss is not None:
+            self.balance_loss = None  # nothing to observe in an inference forward
+        if result.dtype == update.dtype and result.is_contiguous():
+            result.view(-1, self.out_features).addmm_(update, plan.up_t)  # the base output is ours to reuse
+            return result
+        return result + (update @ plan.up_t).view(*x.shape[:-1], self.out_features).to(result.dtype)
+
+    def _inference_plan(self) -> _InferencePlan:
+        """The cached matrices of `_forward_inference`, rebuilt only when a parameter changes (an
+        optimizer step or a load bumps its version; assigning new data changes its storage)."""
+        params = self._parameters
+        key = tuple((p._version, p.data_ptr()) for p in params.values() if p is not None)
+        plan = self._plan
+        if plan is None or plan.key != key:
+            self._plan = plan = _InferencePlan.build(self, key)
+        return plan
+
+    def _inference_bias(self, lead: torch.Size, device: torch.device) -> torch.Tensor | None:
+        """g[group] per token (N, k), or None without a routing context. Kept while the context,
+        the token grid and g stay the same, as they do over the decode steps of one generation."""
+        inputs = current_routing()
+        if inputs is None:
+            return None
+        gb = self.group_bias
+        cache = self._bias_cache
+        if cache is None or cache[0] is not inputs or cache[1] != lead or cache[2] != (gb._version, gb.data_ptr()):
+            groups, _ = inputs.for_tokens(lead, device)
+            bias = None if groups is None else gb.detach()[groups]
+            self._bias_cache = cache = (inputs, lead, (gb._version, gb.data_ptr()), bias)
+        return cache[3]
+
     def delta_weight(self, expert_weights) -> torch.Tensor:
         """s * [B_1 ... B_k] diag(repeat_interleave(w, r_b)) A for fixed weights w (sum k = uniform ones)."""
         w = fixed_expert_weights(expert_weights, self.num_experts, self.lora_B.device).repeat_interleave(self.expert_rank)
         return self.scaling * (self.lora_B.float() * w) @ self.lora_A.float()
+
+
+class _InferencePlan(NamedTuple):
+    """What `TeamLoRALinear._forward_inference` needs besides x, built under no grad."""
+
+    key: tuple  # (version, storage) of every parameter it was built from
+    dtype: torch.dtype
+    down_t: torch.Tensor  # [c A; R]^T, (d_in, r + k), c = r_b k s
+    split: tuple[int, int]  # (r, k)
+    mix: torch.Tensor  # (I + M) E, (k, r), float32
+    reference_norm: bool
+    eps: float  # r_b times the l1 guard
+    up_t: torch.Tensor  # [B_1 ... B_k]^T, a view of lora_B
+
+    @staticmethod
+    @torch.no_grad()
+    def build(layer: TeamLoRALinear, key: tuple) -> _InferencePlan:
+        a, k, r_b = layer.lora_A, layer.num_experts, layer.expert_rank
+        interaction = torch.eye(k, device=a.device)
+        if layer.competition is not None:
+            interaction = interaction + layer.competition.float()
+        down_t = torch.cat([a * (r_b * k * layer.scaling), layer.router]).t()
+        return _InferencePlan(key, a.dtype, down_t, (layer.config.r, k), interaction.repeat_interleave(r_b, dim=1),
+                              layer.config.competition_norm == "reference", r_b * L1_GUARD, layer.lora_B.detach().t())
