@@ -116,6 +116,26 @@ def test_batched_generation_equals_one_by_one(method):
         assert torch.equal(batched[b], single[0]), b
 
 
+def test_generated_ids_feed_a_training_step_and_generation_follows_the_update():
+    """generate runs under inference_mode but returns ordinary tensors, and its cached adapter
+    matrices are rebuilt after an optimizer step."""
+    model = adapted_model("teamlora", group_routing=True).eval()
+    ids, mask, pixels, counts = make_batch(model, TEXTS, IMAGES, padding_side="left")
+    new = model.generate(ids, mask, pixels, counts, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    assert not new.is_inference()
+    full = torch.cat([ids, new], dim=1)
+    model.train()
+    loss = model(full, torch.cat([mask, torch.ones_like(new)], dim=1), full, pixels, counts).loss
+    loss.backward()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=100.0)
+    optimizer.step()
+    model.eval()
+    one = make_batch(model, TEXTS[:1], IMAGES[:1])  # one row: its last position is real
+    logits = model(one[0], one[1], None, *one[2:]).logits[0, -1]  # with grad: no cached matrices
+    after = model.generate(*one, max_new_tokens=1, do_sample=False, eos_token_id=None)
+    assert after[0, 0] == logits.argmax()
+
+
 def test_sampling_generation_is_seeded(base):
     ids, mask, pixels, counts = make_batch(base, TEXTS, IMAGES, padding_side="left")
     runs = []

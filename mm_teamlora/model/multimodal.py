@@ -133,20 +133,23 @@ class MultimodalLM(nn.Module):
             return self.language_model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
                                        labels=inputs["labels"], **kwargs)
 
-    @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_counts=None, image_features=None,
                  **kwargs) -> torch.Tensor:
         """Batched generation with left padding and KV cache; returns only the new token ids.
         The routing context of the prompt also covers the decode steps, where each new token takes
-        its row's text group (see adapters.routing)."""
-        inputs = self.build_inputs(input_ids, attention_mask, None, pixel_values, image_counts, padding_side="left",
-                                   image_features=image_features)
-        if self.tokenizer is not None:
-            kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-            kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-        with routing_context(inputs["token_groups"], inputs["attention_mask"].bool()):
-            return self.language_model.generate(inputs_embeds=inputs["inputs_embeds"],
-                                                attention_mask=inputs["attention_mask"], **kwargs)
+        its row's text group (see adapters.routing). Runs under `torch.inference_mode` (cheaper
+        small ops, which a decode step is made of) and returns an ordinary tensor, so the ids can
+        feed a training forward."""
+        with torch.inference_mode():
+            inputs = self.build_inputs(input_ids, attention_mask, None, pixel_values, image_counts,
+                                       padding_side="left", image_features=image_features)
+            if self.tokenizer is not None:
+                kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+                kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+            with routing_context(inputs["token_groups"], inputs["attention_mask"].bool()):
+                new_ids = self.language_model.generate(inputs_embeds=inputs["inputs_embeds"],
+                                                       attention_mask=inputs["attention_mask"], **kwargs)
+        return new_ids.clone()
 
 
 def _pad_rows(rows, padding_side: str, with_labels: bool) -> dict:
