@@ -281,3 +281,17 @@ def test_inference_caches_follow_every_parameter_and_the_routing_context(batch):
     with routing_context(groups + 1):
         torch.testing.assert_close(second, model(input_ids=ids, attention_mask=mask).logits.detach())
     assert not torch.allclose(first, second)
+
+
+def test_inference_forward_leaves_the_base_layer_output_untouched(batch):
+    """A hook that keeps a base layer's output (activation capture) sees the frozen layer's value."""
+    ids, mask = batch
+    model = adapted(method="teamlora").eval()
+    randomize_adapters(model)
+    layer = next(iter(adapter_layers(model).values()))
+    kept = []
+    layer.base_layer.register_forward_hook(lambda module, args, out: kept.append((out, out.clone())))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    out, copy_at_hook = kept[0]
+    assert torch.equal(out, copy_at_hook)

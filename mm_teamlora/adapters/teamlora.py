@@ -122,8 +122,8 @@ class TeamLoRALinear(RoutedAdapterLayer):
         if self.balance_loss is not None:
             self.balance_loss = None  # nothing to observe in an inference forward
         if result.dtype == update.dtype and result.is_contiguous():
-            result.view(-1, self.out_features).addmm_(update, plan.up_t)  # the base output is ours to reuse
-            return result
+            # not in place: a hook on the base layer may hold its output
+            return torch.addmm(result.view(-1, self.out_features), update, plan.up_t).view(result.shape)
         return result + (update @ plan.up_t).view(*x.shape[:-1], self.out_features).to(result.dtype)
 
     def _inference_plan(self) -> _InferencePlan:
