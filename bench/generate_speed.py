@@ -1,8 +1,10 @@
 """Generation speed with KV cache: frozen model vs LoRA vs TeamLoRA (unmerged), side by side (not a test).
 
 A model with SmolLM2-135M's config and random weights, all-linear adapters of rank 64 (TeamLoRA
-k = 4, group routing on), greedy decoding under a routing context, as the multimodal model runs it.
-Times are medians of interleaved repeats (min-max in brackets); tokens/s counts new tokens.
+k = 4, group routing on), greedy decoding under a routing context. Two grad modes:
+`inference_mode`, as `MultimodalLM.generate` runs it, and `no_grad`, as a plain Hugging Face
+`model.generate` runs it; peft's LoRA is the outside anchor. tokens/s (new tokens) is the median
+over interleaved repeats, min-max in brackets; `x LoRA` is the median of the per-repeat ratios.
 
     .venv/bin/python bench/generate_speed.py [--repeats 5] [--batch 4] [--prompt 64] [--new 32]
 """
@@ -22,6 +24,28 @@ from mm_teamlora.adapters import AdapterConfig, apply_adapters, routing_context
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+RANK, ALPHA = 64, 32
+
+
+def build_models(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    models = {
+        "frozen": base,
+        "LoRA": apply_adapters(copy.deepcopy(base), AdapterConfig(method="lora", r=RANK, alpha=ALPHA)),
+        "TeamLoRA k=4": apply_adapters(copy.deepcopy(base), AdapterConfig(method="teamlora", r=RANK, num_experts=4,
+                                                                          alpha=ALPHA, group_routing=True)),
+    }
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:  # peft comes with the test extra; without it the anchor row is left out
+        pass
+    else:
+        models["peft LoRA"] = inject_adapter_in_model(
+            LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear"), copy.deepcopy(base)).eval()
+    for model in models.values():  # non-zero B, so adapters do their full work
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.01)
+    return models
 
 
 def main() -> None:
@@ -32,47 +56,47 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     args = parser.parse_args()
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval().requires_grad_(False)
-    models = {
-        "frozen": base,
-        "LoRA": apply_adapters(copy.deepcopy(base), AdapterConfig(method="lora", r=64, alpha=32)),
-        "TeamLoRA k=4": apply_adapters(copy.deepcopy(base), AdapterConfig(method="teamlora", r=64, num_experts=4,
-                                                                          alpha=32, group_routing=True)),
-    }
-    for model in models.values():  # non-zero B, so adapters do their full work
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                torch.nn.init.normal_(p, std=0.01)
+    models = build_models(LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval().requires_grad_(False))
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch, args.prompt))
     groups = torch.ones_like(ids)
+    modes = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
+    runs = [(mode, label) for label in ("frozen", "peft LoRA", "LoRA", "TeamLoRA k=4") if label in models
+            for mode in ("inference_mode",)]
+    runs += [("no_grad", "LoRA"), ("no_grad", "TeamLoRA k=4")]
 
-    def run(model):
-        with torch.no_grad(), routing_context(groups):
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
-                                 min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+    def run(mode: str, label: str) -> None:
+        with modes[mode](), routing_context(groups):
+            out = models[label].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                                         min_new_tokens=args.new, do_sample=False, pad_token_id=0)
         assert out.shape[1] == args.prompt + args.new
 
-    times = {label: [] for label in models}
-    for model in models.values():
-        run(model)  # warm-up
+    for key in runs:
+        run(*key)  # warm-up
+    times = {key: [] for key in runs}
     for _ in range(args.repeats):
-        for label, model in models.items():
+        for key in runs:
             start = time.perf_counter()
-            run(model)
-            times[label].append(time.perf_counter() - start)
+            run(*key)
+            times[key].append(time.perf_counter() - start)
     new_tokens = args.batch * args.new
+    speed = {key: new_tokens / statistics.median(t) for key, t in times.items()}
+    # x LoRA: the median over repeats of the ratio within one repeat, so slow drifts of a shared
+    # machine cancel out instead of landing on whichever model ran in the slow minute
+    ratio = {(mode, label): statistics.median(lo / t for lo, t in zip(times[mode, "LoRA"], ts))
+             for (mode, label), ts in times.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, prompt {args.prompt}, "
-          f"{args.new} new tokens, greedy, KV cache, fp32")
-    print(f"{'model':<16} {'tokens/s':>9} {'[min - max]':>17} {'x LoRA':>7}")
-    lora = new_tokens / statistics.median(times["LoRA"])
-    speed = {}
-    for label, t in times.items():
-        speed[label] = new_tokens / statistics.median(t)
-        print(f"{label:<16} {speed[label]:>9.1f} {f'[{new_tokens / max(t):.1f} - {new_tokens / min(t):.1f}]':>17} "
-              f"{speed[label] / lora:>7.3f}")
-    print(f"RESULT teamlora_over_lora={speed['TeamLoRA k=4'] / lora:.3f} lora_over_frozen={lora / speed['frozen']:.3f} "
-          f"teamlora_over_frozen={speed['TeamLoRA k=4'] / speed['frozen']:.3f}")
-
+          f"{args.new} new tokens, greedy, KV cache, fp32; {args.repeats} interleaved repeats")
+    print(f"{'grad mode':<15} {'model':<13} {'tokens/s':>9} {'[min - max]':>15} {'x LoRA':>7}")
+    for (mode, label), t in times.items():
+        spread = f"[{new_tokens / max(t):.1f} - {new_tokens / min(t):.1f}]"
+        print(f"{mode:<15} {label:<13} {speed[mode, label]:>9.1f} {spread:>15} {ratio[mode, label]:>7.3f}")
+    team = ratio["inference_mode", "TeamLoRA k=4"]
+    result = (f"RESULT teamlora_over_lora={team:.3f} "
+              f"teamlora_over_lora_no_grad={ratio['no_grad', 'TeamLoRA k=4']:.3f} "
+              f"lora_over_frozen={1 / ratio['inference_mode', 'frozen']:.3f}")
+    if "peft LoRA" in models:
+        result += f" teamlora_over_peft_lora={team / ratio['inference_mode', 'peft LoRA']:.3f}"
+    print(result)
 
 if __name__ == "__main__":
     main()
