@@ -136,3 +136,15 @@ def test_parameter_report_counts_and_gains():
     assert report.gains_by_method == {"lora": 1.0, "moelora": 0.25, "hydralora": 1.0, "teamlora": 4.0}
     assert "4x a rank-r LoRA" in str(report)
     json.dumps(report.to_dict())
+
+
+def test_saved_files_get_the_mode_of_an_ordinary_new_file(tmp_path):
+    """safetensors creates files 0600; checkpoints must be readable like any file the user writes."""
+    import os
+
+    model = adapted(method="teamlora")
+    save_adapter(model, tmp_path)
+    (tmp_path / "probe").write_text("x")
+    expected = os.stat(tmp_path / "probe").st_mode & 0o777
+    for name in os.listdir(tmp_path):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == expected, name

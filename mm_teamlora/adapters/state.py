@@ -10,6 +10,7 @@ Each file is written to a temporary name and renamed into place, so a reader nev
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -42,13 +43,28 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def atomic_write(path: str, write) -> None:
+    """`write(tmp)` then rename over `path`: a reader sees the old file or the new one, never half.
+    The file gets the mode an ordinary new file gets (0666 less the umask): safetensors creates its
+    files 0600, which would hide a checkpoint from the rest of a shared cluster group."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@functools.cache
+def _umask() -> int:
+    try:  # Linux shows it; setting it to read it would briefly change it for every thread
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def atomic_write_text(path: str, text: str) -> None:
