@@ -118,3 +118,20 @@ def test_conversation_categories_text_only_samples_and_bad_records(model, tmp_pa
     assert set(result["by_category"]["chat"]["tokens"]["by_group"]) == {"text_only"}
     assert set(result["by_category"]["vqa"]["tokens"]["by_group"]) == {"image", "text_with_image"}
     assert result["by_category"]["vqa"]["tokens"]["by_group"]["image"] == model.image_token_count
+
+
+def test_plots_of_a_30_block_model_stay_readable_sizes(tmp_path):
+    """210 adapted layers (SmolLM2's 30 blocks x 7): figures are capped and label every n-th layer."""
+    from PIL import Image
+
+    from mm_teamlora.eval.plots import plot_routing
+
+    group = {"tokens": 10, "mean_router_prob": [0.4, 0.3, 0.2, 0.1]}
+    separation = {"headline": "image_vs_text_only", "js_bits": {"image_vs_text_only": 0.1},
+                  "mi_soft_bits": 0.05, "mi_top1_bits": 0.2}
+    layers = {f"model.layers.{b}.{name}": {"num_experts": 4, "groups": {"image": group, "text_only": group},
+                                           "separation": separation}
+              for b in range(30) for name in ("q", "k", "v", "o", "gate", "up", "down")}
+    for path in plot_routing({"layers": layers}, str(tmp_path)):
+        width, height = Image.open(path).size
+        assert width <= 16 * 110 and height <= 18 * 110, (path, width, height)

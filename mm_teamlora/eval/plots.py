@@ -28,6 +28,11 @@ def _short_names(names: list[str]) -> list[str]:
     return [n[len(prefix):] or n for n in names]
 
 
+def _tick_step(count: int, most: int = 60) -> int:
+    """Label every n-th layer so that at most `most` labels show (a 30-block LM has 210 layers)."""
+    return max(1, -(-count // most))
+
+
 def _matrix(layers: dict, value) -> list[list[float]]:
     """Rows of one value per expert; layers with fewer experts are padded with NaN."""
     width = max(entry["num_experts"] for entry in layers.values())
@@ -42,7 +47,7 @@ def _heatmap(plt, matrix, names, title, path, diverging: bool) -> str:
     import numpy as np
 
     data = np.array(matrix, dtype=float)
-    height = max(2.5, 0.22 * len(names) + 1.4)
+    height = min(18.0, max(2.5, 0.22 * len(names) + 1.4))
     fig, ax = plt.subplots(figsize=(max(3.5, 0.55 * data.shape[1] + 3.2), height))
     if diverging:
         limit = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 1.0
@@ -50,7 +55,8 @@ def _heatmap(plt, matrix, names, title, path, diverging: bool) -> str:
     else:
         image = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(float(np.nanmax(data)), 1e-9))
     ax.set_xticks(range(data.shape[1]), [f"E{e}" for e in range(data.shape[1])])
-    ax.set_yticks(range(len(names)), names, fontsize=7 if len(names) > 20 else 8)
+    step = _tick_step(len(names))
+    ax.set_yticks(range(0, len(names), step), names[::step], fontsize=7 if len(names) > 20 else 8)
     ax.set_xlabel("expert")
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.08)
@@ -87,13 +93,15 @@ def plot_routing(result: dict, out_dir: str, prefix: str = "routing") -> list[st
 def _separation_plot(plt, layers: dict, names: list[str], path: str) -> str:
     seps = [e["separation"] for e in layers.values()]
     headline = next((s["headline"] for s in seps if s["headline"]), None)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.25 * len(names) + 2.0), 3.2))
+    fig, ax = plt.subplots(figsize=(min(16.0, max(4.0, 0.25 * len(names) + 2.0)), 3.6))
     x = range(len(names))
+    ms = 3 if len(names) > 60 else 6
     if headline:
-        ax.plot(x, [s["js_bits"].get(headline, float("nan")) for s in seps], "o-", label=f"JS {headline}")
-    ax.plot(x, [s["mi_soft_bits"] for s in seps], "s--", label="MI(expert; group), soft")
-    ax.plot(x, [s["mi_top1_bits"] for s in seps], "^:", label="MI(expert; group), top-1")
-    ax.set_xticks(list(x), names, rotation=90, fontsize=7)
+        ax.plot(x, [s["js_bits"].get(headline, float("nan")) for s in seps], "o-", ms=ms, label=f"JS {headline}")
+    ax.plot(x, [s["mi_soft_bits"] for s in seps], "s--", ms=ms, label="MI(expert; group), soft")
+    ax.plot(x, [s["mi_top1_bits"] for s in seps], "^:", ms=ms, label="MI(expert; group), top-1")
+    step = _tick_step(len(names))
+    ax.set_xticks(list(x)[::step], names[::step], rotation=90, fontsize=7)
     ax.set_ylabel("bits")
     ax.set_title("separation per adapted layer", fontsize=9)
     ax.legend(fontsize=7)
