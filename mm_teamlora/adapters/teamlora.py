@@ -98,10 +98,10 @@ class TeamLoRALinear(RoutedAdapterLayer):
         """The same maths in the fewest ops, for generation (eval, no grad, no recorder). A decode
         step runs every adapted layer on a handful of tokens, where each op costs more than its
         arithmetic, so two GEMMs with cached matrices do the routing. With E (k x r) sending
-        expert i to its r_b columns, q = rep(v) = phi (I + M) E sums to r_b sum(v), and
-            [c z, logits] = x [c A; R]^T   (logits += g[group])  c = r_b k s
-            update        = c z * q / max(|q|_1, r_b eps)       (`l1`; `reference`: / sum(q))
-        equals k s z * rep(v) / max(|v|_1, eps) = s z * rep(w), the module-doc update."""
+        expert i to its r_b columns, q = rep(v) = phi (I + M) E has |q|_1 = r_b |v|_1, and
+            [c z, logits] = x [c s A; R]^T   (logits += g[group])   c = r_b k
+            update        = c z * q / max(|q|_1, r_b eps)         (`reference`: / sum(q))
+        which is k z * rep(v) / max(|v|_1, eps) = z * rep(w), the module doc's update."""
         result = self.base_layer(x)
         plan = self._inference_plan()
         h = x.reshape(-1, self.in_features)
@@ -161,7 +161,7 @@ class _InferencePlan(NamedTuple):
 
     key: tuple  # (version, storage) of every parameter it was built from
     dtype: torch.dtype
-    down_t: torch.Tensor  # [c A; R]^T, (d_in, r + k), c = r_b k s
+    down_t: torch.Tensor  # [c s A; R]^T, (d_in, r + k), c = r_b k
     split: tuple[int, int]  # (r, k)
     mix: torch.Tensor  # (I + M) E, (k, r), float32
     reference_norm: bool
