@@ -283,6 +283,30 @@ def test_inference_caches_follow_every_parameter_and_the_routing_context(batch):
     assert not torch.allclose(first, second)
 
 
+def test_inference_matrices_are_not_kept_across_routing_contexts(batch):
+    """DeepSpeed's all-gathers and `p.data.copy_` change parameters without bumping their version:
+    a new routing context (a new generation) or no context must still see the new values."""
+    from mm_teamlora.adapters import routing_context
+    ids, mask = batch
+    model = adapted(method="teamlora", group_routing=True).eval()
+    randomize_adapters(model)
+    groups = torch.zeros_like(ids)
+    for context in (groups, None):
+        with routing_context(groups), torch.no_grad():
+            before = model(input_ids=ids, attention_mask=mask).logits
+        for layer in adapter_layers(model).values():
+            versions = [p._version for p in layer.parameters()]
+            layer.lora_A.data.copy_(layer.lora_A.data * 1.5)
+            layer.competition.data.copy_(-layer.competition.data)
+            assert [p._version for p in layer.parameters()] == versions  # invisible to version checks
+        with routing_context(context):
+            expected = model(input_ids=ids, attention_mask=mask).logits.detach()  # training form
+            with torch.no_grad():
+                after = model(input_ids=ids, attention_mask=mask).logits
+        assert not torch.allclose(before, after)
+        torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_inference_forward_leaves_the_base_layer_output_untouched(batch):
     """A hook that keeps a base layer's output (activation capture) sees the frozen layer's value."""
     ids, mask = batch

@@ -16,9 +16,9 @@ LoRA with scaling alpha / r_b. The fused form computes the whole update with one
 and one for [B_1 ... B_k]:  sum_i w_i B_i z_i = [B_1 ... B_k] (z * repeat_interleave(w, r_b)).
 The loop form (`implementation="loop"`) is the readable reference, one matmul per expert.
 
-Generation (eval mode, no grad, no recorder) runs the fused maths in fewer ops with matrices cached
-between calls (`_forward_inference`): a decode step is many layers on a handful of tokens, where
-each op costs more than its arithmetic.
+Generation (eval mode, no grad, no recorder) runs the fused maths in fewer ops, with matrices kept
+for the length of one routing context (`_forward_inference`): a decode step is many layers on a
+handful of tokens, where each op costs more than its arithmetic.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch import nn
 from .config import AdapterConfig
 from .lora import kaiming_uniform
 from .routed import RoutedAdapterLayer, fixed_expert_weights
-from .routing import current_routing
+from .routing import RoutingInputs, current_routing
 
 L1_GUARD = 1e-6  # w = k v / max(|v|_1, L1_GUARD)
 
@@ -103,13 +103,14 @@ class TeamLoRALinear(RoutedAdapterLayer):
             update        = c z * q / max(|q|_1, r_b eps)         (`reference`: / sum(q))
         which is k z * rep(v) / max(|v|_1, eps) = z * rep(w), the module doc's update."""
         result = self.base_layer(x)
-        plan = self._inference_plan()
+        inputs = current_routing()
+        plan = self._inference_plan(inputs)
         h = x.reshape(-1, self.in_features)
         if h.dtype != plan.dtype:
             h = h.to(plan.dtype)
         # split_with_sizes, not Tensor.split: the same views without a Python-level wrapper
         z, logits = torch.mm(h, plan.down_t).split_with_sizes(plan.split, dim=-1)
-        if self.group_bias is not None and (bias := self._inference_bias(x.shape[:-1], x.device)) is not None:
+        if self.group_bias is not None and (bias := self._inference_bias(inputs, x.shape[:-1], x.device)) is not None:
             logits.add_(bias)
         q = logits.softmax(-1, dtype=torch.float32) @ plan.mix
         if plan.reference_norm:
@@ -126,20 +127,22 @@ class TeamLoRALinear(RoutedAdapterLayer):
             return torch.addmm(result.view(-1, self.out_features), update, plan.up_t).view(result.shape)
         return result + (update @ plan.up_t).view(*x.shape[:-1], self.out_features).to(result.dtype)
 
-    def _inference_plan(self) -> _InferencePlan:
-        """The cached matrices of `_forward_inference`, rebuilt only when a parameter changes (an
-        optimizer step or a load bumps its version; assigning new data changes its storage)."""
-        params = self._parameters
-        key = tuple((p._version, p.data_ptr()) for p in params.values() if p is not None)
+    def _inference_plan(self, inputs: RoutingInputs | None) -> _InferencePlan:
+        """The matrices of `_forward_inference`, kept for one routing context (one generation,
+        one evaluation batch) and rebuilt within it if a parameter's version or storage changes.
+        Not kept across contexts: DeepSpeed's all-gathers and `p.data.copy_` update parameters
+        without bumping their version. Without a context nothing is kept."""
+        key = (inputs, tuple((p._version, p.data_ptr()) for p in self._parameters.values() if p is not None))
         plan = self._plan
-        if plan is None or plan.key != key:
+        if inputs is None:
+            return _InferencePlan.build(self, key)
+        if plan is None or plan.key[0] is not inputs or plan.key[1] != key[1]:
             self._plan = plan = _InferencePlan.build(self, key)
         return plan
 
-    def _inference_bias(self, lead: torch.Size, device: torch.device) -> torch.Tensor | None:
+    def _inference_bias(self, inputs: RoutingInputs | None, lead: torch.Size, device: torch.device) -> torch.Tensor | None:
         """g[group] per token (N, k), or None without a routing context. Kept while the context,
         the token grid and g stay the same, as they do over the decode steps of one generation."""
-        inputs = current_routing()
         if inputs is None:
             return None
         gb = self.group_bias
@@ -159,7 +162,7 @@ class TeamLoRALinear(RoutedAdapterLayer):
 class _InferencePlan(NamedTuple):
     """What `TeamLoRALinear._forward_inference` needs besides x, built under no grad."""
 
-    key: tuple  # (version, storage) of every parameter it was built from
+    key: tuple  # (routing context, (version, storage) of every parameter) it was built for
     dtype: torch.dtype
     down_t: torch.Tensor  # [c s A; R]^T, (d_in, r + k), c = r_b k
     split: tuple[int, int]  # (r, k)
