@@ -23,7 +23,7 @@ handful of tokens, where each op costs more than its arithmetic.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ class TeamLoRALinear(RoutedAdapterLayer):
         super().__init__(base_layer, config, generator)
         self.expert_rank = config.expert_rank
         self._fused = config.implementation == "fused"
-        self._plan = self._bias_cache = None  # caches of _forward_inference
+        self._plan = None  # see _inference_plan
         self.lora_A = self._param(kaiming_uniform((config.r, self.in_features), self.in_features, generator))
         # [B_1 ... B_k] side by side: expert i owns columns i*r_b .. (i+1)*r_b
         self.lora_B = self._param(torch.zeros(self.out_features, config.r))
@@ -103,15 +103,14 @@ class TeamLoRALinear(RoutedAdapterLayer):
             update        = c z * q / max(|q|_1, r_b eps)         (`reference`: / sum(q))
         which is k z * rep(v) / max(|v|_1, eps) = z * rep(w), the module doc's update."""
         result = self.base_layer(x)
-        inputs = current_routing()
-        plan = self._inference_plan(inputs)
+        plan = self._inference_plan(current_routing())
         h = x.reshape(-1, self.in_features)
         if h.dtype != plan.dtype:
             h = h.to(plan.dtype)
         # split_with_sizes, not Tensor.split: the same views without a Python-level wrapper
         z, logits = torch.mm(h, plan.down_t).split_with_sizes(plan.split, dim=-1)
-        if self.group_bias is not None and (bias := self._inference_bias(inputs, x.shape[:-1], x.device)) is not None:
-            logits.add_(bias)
+        if plan.group_bias is not None:
+            logits.add_(plan.bias(x.shape[:-1], x.device))
         q = logits.softmax(-1, dtype=torch.float32) @ plan.mix
         if plan.reference_norm:
             total = q.sum(-1, keepdim=True)
@@ -132,26 +131,13 @@ class TeamLoRALinear(RoutedAdapterLayer):
         one evaluation batch) and rebuilt within it if a parameter's version or storage changes.
         Not kept across contexts: DeepSpeed's all-gathers and `p.data.copy_` update parameters
         without bumping their version. Without a context nothing is kept."""
-        key = (inputs, tuple((p._version, p.data_ptr()) for p in self._parameters.values() if p is not None))
+        versions = [(p._version, p.data_ptr()) for p in self._parameters.values()]
         plan = self._plan
         if inputs is None:
-            return _InferencePlan.build(self, key)
-        if plan is None or plan.key[0] is not inputs or plan.key[1] != key[1]:
-            self._plan = plan = _InferencePlan.build(self, key)
+            return _InferencePlan.build(self, None, versions)
+        if plan is None or plan.inputs is not inputs or plan.versions != versions:
+            self._plan = plan = _InferencePlan.build(self, inputs, versions)
         return plan
-
-    def _inference_bias(self, inputs: RoutingInputs | None, lead: torch.Size, device: torch.device) -> torch.Tensor | None:
-        """g[group] per token (N, k), or None without a routing context. Kept while the context,
-        the token grid and g stay the same, as they do over the decode steps of one generation."""
-        if inputs is None:
-            return None
-        gb = self.group_bias
-        cache = self._bias_cache
-        if cache is None or cache[0] is not inputs or cache[1] != lead or cache[2] != (gb._version, gb.data_ptr()):
-            groups, _ = inputs.for_tokens(lead, device)
-            bias = None if groups is None else gb.detach()[groups]
-            self._bias_cache = cache = (inputs, lead, (gb._version, gb.data_ptr()), bias)
-        return cache[3]
 
     def delta_weight(self, expert_weights) -> torch.Tensor:
         """s * [B_1 ... B_k] diag(repeat_interleave(w, r_b)) A for fixed weights w (sum k = uniform ones)."""
@@ -159,10 +145,13 @@ class TeamLoRALinear(RoutedAdapterLayer):
         return self.scaling * (self.lora_B.float() * w) @ self.lora_A.float()
 
 
-class _InferencePlan(NamedTuple):
-    """What `TeamLoRALinear._forward_inference` needs besides x, built under no grad."""
+@dataclass(eq=False)
+class _InferencePlan:
+    """What `TeamLoRALinear._forward_inference` needs besides x, built under no grad for one
+    routing context and one set of parameter versions."""
 
-    key: tuple  # (routing context, (version, storage) of every parameter) it was built for
+    inputs: RoutingInputs | None
+    versions: list  # (version, storage) of every parameter
     dtype: torch.dtype
     down_t: torch.Tensor  # [c s A; R]^T, (d_in, r + k), c = r_b k
     split: tuple[int, int]  # (r, k)
@@ -170,14 +159,26 @@ class _InferencePlan(NamedTuple):
     reference_norm: bool
     eps: float  # r_b times the l1 guard
     up_t: torch.Tensor  # [B_1 ... B_k]^T, a view of lora_B
+    group_bias: torch.Tensor | None  # g, when routing uses groups and the context gives them
+    biases: dict = field(default_factory=dict)  # token grid -> g[group] (N, k)
+
+    def bias(self, lead: torch.Size, device: torch.device) -> torch.Tensor:
+        """g[group] for the tokens of a call, gathered once per token grid (prefill, decode)."""
+        bias = self.biases.get(lead)
+        if bias is None:
+            groups, _ = self.inputs.for_tokens(lead, device)
+            self.biases[lead] = bias = self.group_bias[groups]
+        return bias
 
     @staticmethod
     @torch.no_grad()
-    def build(layer: TeamLoRALinear, key: tuple) -> _InferencePlan:
+    def build(layer: TeamLoRALinear, inputs: RoutingInputs | None, versions: list) -> _InferencePlan:
         a, k, r_b = layer.lora_A, layer.num_experts, layer.expert_rank
         interaction = torch.eye(k, device=a.device)
         if layer.competition is not None:
             interaction = interaction + layer.competition.float()
         down_t = torch.cat([a * (r_b * k * layer.scaling), layer.router]).t()
-        return _InferencePlan(key, a.dtype, down_t, (layer.config.r, k), interaction.repeat_interleave(r_b, dim=1),
-                              layer.config.competition_norm == "reference", r_b * L1_GUARD, layer.lora_B.detach().t())
+        grouped = layer.group_bias is not None and inputs is not None and inputs.token_groups is not None
+        return _InferencePlan(inputs, versions, a.dtype, down_t, (layer.config.r, k),
+                              interaction.repeat_interleave(r_b, dim=1), layer.config.competition_norm == "reference",
+                              r_b * L1_GUARD, layer.lora_B.detach().t(), layer.group_bias.detach() if grouped else None)
