@@ -319,3 +319,88 @@ def test_inference_forward_leaves_the_base_layer_output_untouched(batch):
         model(input_ids=ids, attention_mask=mask)
     out, copy_at_hook = kept[0]
     assert torch.equal(out, copy_at_hook)
+
+
+def test_inference_form_in_float16_does_not_overflow_where_the_training_form_does_not():
+    """The inference form's scale c = r_b k s rides on the last GEMM: an fp16 A x of 540 (above
+    65504 / (k alpha) = 512) must not become inf."""
+    from torch import nn
+
+    layer_model = nn.Sequential(nn.Linear(16, 8)).half().eval()
+    model = apply_adapters(layer_model, AdapterConfig(method="teamlora", r=8, num_experts=4, alpha=32.0,
+                                                      target_modules=["0"]))
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_A.fill_(0.0)
+        layer.lora_A[:, 0] = 540.0
+        layer.lora_B.fill_(1e-4)
+    x = torch.zeros(2, 16, dtype=torch.float16)
+    x[:, 0] = 1.0
+    observed = model(x).detach()
+    with torch.no_grad():
+        fast = model(x)
+    assert torch.isfinite(observed).all() and torch.isfinite(fast).all()
+    torch.testing.assert_close(fast.float(), observed.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_group_bias_is_added_in_float32_in_the_bf16_inference_form():
+    """Router maths runs in float32 in both forms: with large trained group biases (around 10)
+    the bf16 inference form's update is as accurate as the training form's (adding g in bf16
+    made its error about 1.6 times larger)."""
+    from torch import nn
+
+    from mm_teamlora.adapters import routing_context
+    torch.manual_seed(0)
+    model = apply_adapters(nn.Sequential(nn.Linear(64, 64)).bfloat16().eval(),
+                           AdapterConfig(method="teamlora", r=8, num_experts=4, group_routing=True, target_modules=["0"]))
+    layer = model[0]
+    with torch.no_grad():
+        for p in (layer.lora_B, layer.router, layer.competition):
+            p.copy_(torch.randn_like(p) * 0.1)
+        layer.group_bias.copy_(torch.randn_like(layer.group_bias) * 10)
+    reference = copy.deepcopy(model).float()
+    x = torch.randn(1, 64, 64)
+    with routing_context(torch.randint(0, 3, (1, 64))):
+        exact = reference(x).detach() - reference[0].base_layer(x).detach()
+        observed = model(x.bfloat16()).detach().float() - reference[0].base_layer(x).detach()
+        with torch.no_grad():
+            fast = model(x.bfloat16()).float() - reference[0].base_layer(x)
+    observed_error = (observed - exact).abs().mean()
+    assert (fast - exact).abs().mean() <= 1.2 * observed_error
+
+
+def test_inference_matrices_live_in_the_routing_context_and_go_with_it(batch):
+    import gc
+    import weakref
+
+    from mm_teamlora.adapters import routing_context
+    ids, mask = batch
+    model = adapted(method="teamlora", group_routing=True).eval()
+    with routing_context(torch.zeros_like(ids)) as inputs, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        assert set(inputs.layer_state) == set(adapter_layers(model).values())
+        plan = weakref.ref(next(iter(inputs.layer_state.values())))
+    del inputs
+    gc.collect()
+    assert plan() is None
+
+
+def test_training_form_serves_parameters_without_version_or_storage(batch):
+    """Adapters created under inference_mode have no version counter; torch.func.functional_call
+    swaps in other tensors: both still get the right outputs."""
+    from torch.func import functional_call
+
+    ids, mask = batch
+    with torch.inference_mode():
+        model = adapted(method="teamlora").eval()
+        randomize_adapters(model)
+        out = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(out).all()
+    model = adapted(method="teamlora").eval()
+    randomize_adapters(model)
+    params = {n: p.detach() * 1.5 if "lora_A" in n else p.detach() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)  # would leave a plan behind if one were kept
+        swapped = functional_call(model, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask}).logits
+    expected = functional_call(model, params, args=(), kwargs={"input_ids": ids, "attention_mask": mask}).logits
+    torch.testing.assert_close(swapped, expected.detach())

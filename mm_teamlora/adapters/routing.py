@@ -37,6 +37,9 @@ class RoutingInputs:
 
     token_groups: torch.Tensor | None = None  # integer ids in [0, num_token_groups)
     token_mask: torch.Tensor | None = None  # True for real tokens, False for padding
+    # state an adapter layer keeps for the length of this context (key: the layer), e.g. the
+    # matrices of TeamLoRA's inference form; it goes when the context object does
+    layer_state: dict = field(default_factory=dict, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property

@@ -42,7 +42,6 @@ class TeamLoRALinear(RoutedAdapterLayer):
         super().__init__(base_layer, config, generator)
         self.expert_rank = config.expert_rank
         self._fused = config.implementation == "fused"
-        self._plan = None  # see _inference_plan
         self.lora_A = self._param(kaiming_uniform((config.r, self.in_features), self.in_features, generator))
         # [B_1 ... B_k] side by side: expert i owns columns i*r_b .. (i+1)*r_b
         self.lora_B = self._param(torch.zeros(self.out_features, config.r))
@@ -67,7 +66,8 @@ class TeamLoRALinear(RoutedAdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or torch.is_grad_enabled() or self.recorder is not None or not self._fused:
             return self._forward_observed(x)
-        return self._forward_inference(x)
+        plan = self._inference_plan(current_routing())
+        return self._forward_observed(x) if plan is None else self._forward_inference(x, plan)
 
     def _forward_observed(self, x: torch.Tensor) -> torch.Tensor:
         """The training form (also eval with grad, under the recorder, and the loop form): keeps
@@ -94,23 +94,24 @@ class TeamLoRALinear(RoutedAdapterLayer):
         z = self._drop(z).unflatten(-1, (k, self.expert_rank)) * scale.unsqueeze(-1)
         return self._add_update(result, z.flatten(-2), self.lora_B)
 
-    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_inference(self, x: torch.Tensor, plan: _InferencePlan) -> torch.Tensor:
         """The same maths in the fewest ops, for generation (eval, no grad, no recorder). A decode
         step runs every adapted layer on a handful of tokens, where each op costs more than its
         arithmetic, so two GEMMs with cached matrices do the routing. With E (k x r) sending
         expert i to its r_b columns, q = rep(v) = phi (I + M) E has |q|_1 = r_b |v|_1, and
-            [c z, logits] = x [c s A; R]^T   (logits += g[group])   c = r_b k
-            update        = c z * q / max(|q|_1, r_b eps)         (`reference`: / sum(q))
-        which is k z * rep(v) / max(|v|_1, eps) = z * rep(w), the module doc's update."""
+            [z, logits] = x [A; R]^T                       (logits += g[group], in float32)
+            update      = c z * q / max(|q|_1, r_b eps)    (`reference`: / sum(q)),  c = r_b k s
+        which is k s z * rep(v) / max(|v|_1, eps) = s z * rep(w), the module doc's update. The
+        factor c rides on the last GEMM (its alpha), so no low-precision tensor grows by it."""
         result = self.base_layer(x)
-        plan = self._inference_plan(current_routing())
         h = x.reshape(-1, self.in_features)
         if h.dtype != plan.dtype:
             h = h.to(plan.dtype)
         # split_with_sizes, not Tensor.split: the same views without a Python-level wrapper
         z, logits = torch.mm(h, plan.down_t).split_with_sizes(plan.split, dim=-1)
-        if plan.group_bias is not None:
-            logits.add_(plan.bias(x.shape[:-1], x.device))
+        if plan.group_bias is not None:  # router maths in float32, as in the training form
+            bias = plan.bias(x.shape[:-1], x.device)
+            logits = logits.add_(bias) if logits.dtype == torch.float32 else logits.float() + bias
         q = logits.softmax(-1, dtype=torch.float32) @ plan.mix
         if plan.reference_norm:
             total = q.sum(-1, keepdim=True)
@@ -123,20 +124,28 @@ class TeamLoRALinear(RoutedAdapterLayer):
             self.balance_loss = None  # nothing to observe in an inference forward
         if result.dtype == update.dtype and result.is_contiguous():
             # not in place: a hook on the base layer may hold its output
-            return torch.addmm(result.view(-1, self.out_features), update, plan.up_t).view(result.shape)
-        return result + (update @ plan.up_t).view(*x.shape[:-1], self.out_features).to(result.dtype)
+            out = torch.addmm(result.view(-1, self.out_features), update, plan.up_t, alpha=plan.scale)
+            return out.view(result.shape)
+        delta = torch.mm(update, plan.up_t).mul_(plan.scale)
+        return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype)
 
-    def _inference_plan(self, inputs: RoutingInputs | None) -> _InferencePlan:
-        """The matrices of `_forward_inference`, kept for one routing context (one generation,
-        one evaluation batch) and rebuilt within it if a parameter's version or storage changes.
-        Not kept across contexts: DeepSpeed's all-gathers and `p.data.copy_` update parameters
-        without bumping their version. Without a context nothing is kept."""
-        versions = [(p._version, p.data_ptr()) for p in self._parameters.values()]
-        plan = self._plan
+    def _inference_plan(self, inputs: RoutingInputs | None) -> _InferencePlan | None:
+        """The matrices of `_forward_inference`, kept in the routing context (one generation, one
+        evaluation batch), so they go with it, and rebuilt within it if a parameter is replaced
+        or bumps its version or storage. Not kept across contexts: DeepSpeed's all-gathers and
+        `p.data.copy_` change parameters without a version bump (within one context, such
+        changes are not seen). Without a context nothing is kept. None where parameters have no
+        version or storage (built under inference_mode, or inside torch.func transforms): the
+        training form runs instead."""
+        try:
+            versions = [(id(p), p._version, p.data_ptr()) for p in self._parameters.values()]
+        except RuntimeError:
+            return None
         if inputs is None:
             return _InferencePlan.build(self, None, versions)
-        if plan is None or plan.inputs is not inputs or plan.versions != versions:
-            self._plan = plan = _InferencePlan.build(self, inputs, versions)
+        plan = inputs.layer_state.get(self)
+        if plan is None or plan.versions != versions:
+            inputs.layer_state[self] = plan = _InferencePlan.build(self, inputs, versions)
         return plan
 
     def delta_weight(self, expert_weights) -> torch.Tensor:
@@ -150,16 +159,17 @@ class _InferencePlan:
     """What `TeamLoRALinear._forward_inference` needs besides x, built under no grad for one
     routing context and one set of parameter versions."""
 
-    inputs: RoutingInputs | None
-    versions: list  # (version, storage) of every parameter
+    versions: list  # (identity, version, storage) of every parameter
     dtype: torch.dtype
-    down_t: torch.Tensor  # [c s A; R]^T, (d_in, r + k), c = r_b k
+    down_t: torch.Tensor  # [A; R]^T, (d_in, r + k)
     split: tuple[int, int]  # (r, k)
     mix: torch.Tensor  # (I + M) E, (k, r), float32
     reference_norm: bool
     eps: float  # r_b times the l1 guard
+    scale: float  # c = r_b k s
     up_t: torch.Tensor  # [B_1 ... B_k]^T, a view of lora_B
-    group_bias: torch.Tensor | None  # g, when routing uses groups and the context gives them
+    inputs: RoutingInputs | None
+    group_bias: torch.Tensor | None  # g in float32, when routing uses groups and the context gives them
     biases: dict = field(default_factory=dict)  # token grid -> g[group] (N, k)
 
     def bias(self, lead: torch.Size, device: torch.device) -> torch.Tensor:
@@ -177,8 +187,9 @@ class _InferencePlan:
         interaction = torch.eye(k, device=a.device)
         if layer.competition is not None:
             interaction = interaction + layer.competition.float()
-        down_t = torch.cat([a * (r_b * k * layer.scaling), layer.router]).t()
         grouped = layer.group_bias is not None and inputs is not None and inputs.token_groups is not None
-        return _InferencePlan(inputs, versions, a.dtype, down_t, (layer.config.r, k),
-                              interaction.repeat_interleave(r_b, dim=1), layer.config.competition_norm == "reference",
-                              r_b * L1_GUARD, layer.lora_B.detach().t(), layer.group_bias.detach() if grouped else None)
+        return _InferencePlan(
+            versions, a.dtype, torch.cat([a, layer.router]).t(), (layer.config.r, k),
+            interaction.repeat_interleave(r_b, dim=1), layer.config.competition_norm == "reference",
+            r_b * L1_GUARD, r_b * k * layer.scaling, layer.lora_B.detach().t(), inputs,
+            layer.group_bias.detach().float() if grouped else None)
