@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from mm_teamlora.adapters import AdapterConfig, adapter_layers, apply_adapters, record_routing
+from mm_teamlora.adapters import AdapterConfig, adapter_layers, apply_adapters, record_routing, routing_context
 from conftest import tiny_model
 from helpers import adapted, grads, randomize_adapters
 
@@ -56,7 +56,6 @@ def test_uniform_weights_reduce_teamlora_to_rank_r_lora_with_scaling_alpha_over_
 def test_fused_equals_loop_in_values_and_gradients(method, competition_norm, batch):
     ids, mask = batch
     groups = torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(3))
-    from mm_teamlora.adapters import routing_context
     results = {}
     for implementation in ("fused", "loop"):
         # float64, so that only a real difference in maths (not summation order) can fail this
@@ -188,7 +187,6 @@ def test_bf16_training_step_runs_and_keeps_dtypes(method, batch):
 def test_teamlora_inference_forward_equals_the_training_forward(competition_norm, competition, group_routing, batch):
     """Eval without grad runs a separate few-op form (cached [k s A; R], folded interaction):
     same logits as the observed form, under no_grad and inference_mode, with and without groups."""
-    from mm_teamlora.adapters import routing_context
     ids, mask = batch
     groups = torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(5))
     model = adapted(method="teamlora", competition_norm=competition_norm, competition=competition,
@@ -231,7 +229,6 @@ def test_teamlora_inference_forward_in_bf16_is_as_accurate_as_the_training_forwa
     """Both bf16 forms against the same weights in float32: the few-op form rounds in other places
     (a single chaotic position can differ more), but its mean error must stay of the training
     form's size; a wrong term would make it as large as the logits."""
-    from mm_teamlora.adapters import routing_context
     ids, mask = batch
     model = adapted(method="teamlora", group_routing=True, dtype=torch.bfloat16).eval()
     randomize_adapters(model, scale=0.1)
@@ -249,7 +246,6 @@ def test_teamlora_inference_forward_in_bf16_is_as_accurate_as_the_training_forwa
 def test_inference_caches_follow_every_parameter_and_the_routing_context(batch):
     """The cached matrices of the inference form are rebuilt after any in-place update (an
     optimizer step, a load) or a data assignment, and the group bias after a new context."""
-    from mm_teamlora.adapters import routing_context
     ids, mask = batch
     model = adapted(method="teamlora", group_routing=True).eval()
     randomize_adapters(model)
@@ -286,7 +282,6 @@ def test_inference_caches_follow_every_parameter_and_the_routing_context(batch):
 def test_inference_matrices_are_not_kept_across_routing_contexts(batch):
     """DeepSpeed's all-gathers and `p.data.copy_` change parameters without bumping their version:
     a new routing context (a new generation) or no context must still see the new values."""
-    from mm_teamlora.adapters import routing_context
     ids, mask = batch
     model = adapted(method="teamlora", group_routing=True).eval()
     randomize_adapters(model)
@@ -349,7 +344,6 @@ def test_group_bias_is_added_in_float32_in_the_bf16_inference_form():
     made its error about 1.6 times larger)."""
     from torch import nn
 
-    from mm_teamlora.adapters import routing_context
     torch.manual_seed(0)
     model = apply_adapters(nn.Sequential(nn.Linear(64, 64)).bfloat16().eval(),
                            AdapterConfig(method="teamlora", r=8, num_experts=4, group_routing=True, target_modules=["0"]))
@@ -373,7 +367,6 @@ def test_inference_matrices_live_in_the_routing_context_and_go_with_it(batch):
     import gc
     import weakref
 
-    from mm_teamlora.adapters import routing_context
     ids, mask = batch
     model = adapted(method="teamlora", group_routing=True).eval()
     with routing_context(torch.zeros_like(ids)) as inputs, torch.no_grad():

@@ -67,12 +67,13 @@ class AdapterLayer(nn.Module):
     def _param(self, value: torch.Tensor) -> nn.Parameter:
         return nn.Parameter(value.to(**self._factory))
 
-    def _add_update(self, result: torch.Tensor, z: torch.Tensor, lora_B: torch.Tensor) -> torch.Tensor:
-        """result + z @ lora_B^T, fused into one GEMM (addmm) when dtypes agree."""
+    def _add_update(self, result: torch.Tensor, z: torch.Tensor, lora_B: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """result + alpha z @ lora_B^T, fused into one GEMM (addmm) when dtypes agree; not in
+        place, since a hook on the base layer may hold its output."""
         if result.dtype == z.dtype and result.is_contiguous():
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), z.reshape(-1, z.shape[-1]), lora_B.t())
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), z.reshape(-1, z.shape[-1]), lora_B.t(), alpha=alpha)
             return out.view(result.shape)
-        return result + F.linear(z, lora_B).to(result.dtype)
+        return result + (F.linear(z, lora_B) * alpha).to(result.dtype)
 
     def merge_into_base(self, delta: torch.Tensor) -> nn.Module:
         """Add `delta (d_out x d_in)` to the base weight in place and return the base layer."""

@@ -122,12 +122,7 @@ class TeamLoRALinear(RoutedAdapterLayer):
             update = update.to(plan.dtype)
         if self.balance_loss is not None:
             self.balance_loss = None  # nothing to observe in an inference forward
-        if result.dtype == update.dtype and result.is_contiguous():
-            # not in place: a hook on the base layer may hold its output
-            out = torch.addmm(result.view(-1, self.out_features), update, plan.up_t, alpha=plan.scale)
-            return out.view(result.shape)
-        delta = torch.mm(update, plan.up_t).mul_(plan.scale)
-        return result + delta.view(*x.shape[:-1], self.out_features).to(result.dtype)
+        return self._add_update(result, update.view(*x.shape[:-1], self.config.r), self.lora_B, alpha=plan.scale)
 
     def _inference_plan(self, inputs: RoutingInputs | None) -> _InferencePlan | None:
         """The matrices of `_forward_inference`, kept in the routing context (one generation, one
@@ -167,7 +162,6 @@ class _InferencePlan:
     reference_norm: bool
     eps: float  # r_b times the l1 guard
     scale: float  # c = r_b k s
-    up_t: torch.Tensor  # [B_1 ... B_k]^T, a view of lora_B
     inputs: RoutingInputs | None
     group_bias: torch.Tensor | None  # g in float32, when routing uses groups and the context gives them
     biases: dict = field(default_factory=dict)  # token grid -> g[group] (N, k)
@@ -191,5 +185,5 @@ class _InferencePlan:
         return _InferencePlan(
             versions, a.dtype, torch.cat([a, layer.router]).t(), (layer.config.r, k),
             interaction.repeat_interleave(r_b, dim=1), layer.config.competition_norm == "reference",
-            r_b * L1_GUARD, r_b * k * layer.scaling, layer.lora_B.detach().t(), inputs,
+            r_b * L1_GUARD, r_b * k * layer.scaling, inputs,
             layer.group_bias.detach().float() if grouped else None)
