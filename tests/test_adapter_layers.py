@@ -206,6 +206,37 @@ def test_teamlora_inference_forward_equals_the_training_forward(competition_norm
     assert torch.allclose(*outputs) != group_routing  # the groups reached the inference form
 
 
+@pytest.mark.parametrize("competition_norm", ["l1", "reference"])
+@pytest.mark.parametrize("interaction", ["non-negative", "mixed signs", "a negative row sum"])
+def test_teamlora_inference_forms_equal_the_training_forward_for_every_interaction(competition_norm, interaction,
+                                                                                   batch):
+    """The inference form folds the normaliser into the softmax where it is provably the sum
+    (I + M >= 0 for l1; positive row sums for reference) and divides otherwise: every case gives
+    the training form's logits, and each case takes the form it is meant to exercise."""
+    ids, mask = batch
+    model = adapted(method="teamlora", competition_norm=competition_norm, group_routing=True).eval()
+    randomize_adapters(model)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            m = layer.competition
+            if interaction == "non-negative":
+                m.abs_()
+            elif interaction == "mixed signs":
+                m.copy_(torch.tensor([[0.0, 0.3, -0.2, 0.1], [-0.3, 0.0, 0.2, 0.1], [0.1, -0.1, 0.0, 0.2],
+                                      [0.2, 0.1, -0.1, 0.0]]))
+            else:
+                m[0] = torch.tensor([0.0, -0.9, -0.9, 0.4])  # row sum of I + M: -0.4
+    expected_norm = None if interaction == "non-negative" or (interaction, competition_norm) == ("mixed signs", "reference") else competition_norm
+    groups = torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(5))
+    with routing_context(groups) as inputs:
+        observed = model(input_ids=ids, attention_mask=mask).logits.detach()
+        with torch.no_grad():
+            fast = model(input_ids=ids, attention_mask=mask).logits
+    plans = inputs.layer_state.values()
+    assert {plan.norm for plan in plans} == {expected_norm}
+    torch.testing.assert_close(fast, observed, rtol=1e-5, atol=1e-5)
+
+
 def test_teamlora_inference_forward_applies_the_l1_guard_like_the_training_forward(batch):
     """With I + M singular and near-uniform routing, |v|_1 falls below the guard for most tokens
     (weights well inside (-1, 1) instead of +-1): both forms clamp alike. float64 resolves v."""

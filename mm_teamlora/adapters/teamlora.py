@@ -98,26 +98,32 @@ class TeamLoRALinear(RoutedAdapterLayer):
         """The same maths in the fewest ops, for generation (eval, no grad, no recorder). A decode
         step runs every adapted layer on a handful of tokens, where each op costs more than its
         arithmetic, so two GEMMs with cached matrices do the routing. With E (k x r) sending
-        expert i to its r_b columns, q = rep(v) = phi (I + M) E has |q|_1 = r_b |v|_1, and
+        expert i to its r_b columns and C = I + M, q = rep(v) = phi C E has |q|_1 = r_b |v|_1:
             [z, logits] = x [A; R]^T                       (logits += g[group], in float32)
             update      = c z * q / max(|q|_1, r_b eps)    (`reference`: / sum(q)),  c = r_b k s
-        which is k s z * rep(v) / max(|v|_1, eps) = s z * rep(w), the module doc's update. The
-        factor c rides on the last GEMM (its alpha), so no low-precision tensor grows by it."""
+        which is k s z * rep(v) / max(|v|_1, eps) = s z * rep(w), the module doc's update.
+        Where the normaliser is provably the sum, it is linear in phi and folds into the
+        softmax (the closed form, see `_InferencePlan.build`): with s_j the row sums of C,
+            update = c' z * (softmax(logits + log s) D^-1 C E),   D = diag(s),  c' = k s
+        The factor rides on the last GEMM (its alpha), so no low-precision tensor grows by it."""
         result = self.base_layer(x)
         h = x.reshape(-1, self.in_features)
         if h.dtype != plan.dtype:
             h = h.to(plan.dtype)
-        # split_with_sizes, not Tensor.split: the same views without a Python-level wrapper
-        z, logits = torch.mm(h, plan.down_t).split_with_sizes(plan.split, dim=-1)
-        if plan.group_bias is not None:  # router maths in float32, as in the training form
-            bias = plan.bias(x.shape[:-1], x.device)
-            logits = logits.add_(bias) if logits.dtype == torch.float32 else logits.float() + bias
-        q = logits.softmax(-1, dtype=torch.float32) @ plan.mix
-        if plan.reference_norm:
-            total = q.sum(-1, keepdim=True)
+        bias = plan.bias(x.shape[:-1], x.device)
+        if bias is not None and plan.bias_on_gemm:
+            z_logits = torch.addmm(bias, h, plan.down_t)
         else:
-            total = torch.linalg.vector_norm(q, 1, -1, keepdim=True).clamp_min_(plan.eps)
-        update = (z * q).div_(total)  # float32 for a low-precision z: one rounding, just below
+            z_logits = torch.mm(h, plan.down_t)
+        # split_with_sizes, not Tensor.split: the same views without a Python-level wrapper
+        z, logits = z_logits.split_with_sizes(plan.split, dim=-1)
+        if bias is not None and not plan.bias_on_gemm:
+            logits = logits.float() + bias  # router maths in float32, as in the training form
+        q = logits.softmax(-1, dtype=torch.float32) @ plan.mix
+        update = z * q  # float32 for a low-precision z: one rounding, just below
+        if plan.norm is not None:
+            total = q.sum(-1, keepdim=True) if plan.norm == "reference" else torch.linalg.vector_norm(q, 1, -1, keepdim=True)
+            update = update.div_(total if plan.eps is None else total.clamp_min_(plan.eps))
         if update.dtype != plan.dtype:
             update = update.to(plan.dtype)
         if self.balance_loss is not None:
@@ -149,6 +155,11 @@ class TeamLoRALinear(RoutedAdapterLayer):
         return self.scaling * (self.lora_B.float() * w) @ self.lora_A.float()
 
 
+# The closed form needs every row sum of I + M at least this large: far above the l1 guard, and
+# D^-1 stays moderate (a row sum near 0 is where the reference normalisation itself blows up).
+CLOSED_FORM_MIN_ROW_SUM = 1e-3
+
+
 @dataclass(eq=False)
 class _InferencePlan:
     """What `TeamLoRALinear._forward_inference` needs besides x, built under no grad for one
@@ -158,32 +169,59 @@ class _InferencePlan:
     dtype: torch.dtype
     down_t: torch.Tensor  # [A; R]^T, (d_in, r + k)
     split: tuple[int, int]  # (r, k)
-    mix: torch.Tensor  # (I + M) E, (k, r), float32
-    reference_norm: bool
-    eps: float  # r_b times the l1 guard
-    scale: float  # c = r_b k s
+    mix: torch.Tensor  # (k, r) float32: C E, or D^-1 C E in the closed form
+    norm: str | None  # "l1" or "reference": q is divided by its norm; None: the closed form
+    eps: float | None  # r_b times the l1 guard, None where the guard provably never binds
+    scale: float  # alpha of the last GEMM: r_b k s, or k s in the closed form
+    logit_shift: torch.Tensor | None  # log s (k,) float32 in the closed form
     inputs: RoutingInputs | None
     group_bias: torch.Tensor | None  # g in float32, when routing uses groups and the context gives them
-    biases: dict = field(default_factory=dict)  # token grid -> g[group] (N, k)
+    biases: dict = field(default_factory=dict)  # token grid -> logit bias of its tokens
 
-    def bias(self, lead: torch.Size, device: torch.device) -> torch.Tensor:
-        """g[group] for the tokens of a call, gathered once per token grid (prefill, decode)."""
-        bias = self.biases.get(lead)
-        if bias is None:
-            groups, _ = self.inputs.for_tokens(lead, device)
-            self.biases[lead] = bias = self.group_bias[groups]
-        return bias
+    @property
+    def bias_on_gemm(self) -> bool:
+        """float32 logits take their bias inside the [A; R] GEMM (addmm); others add it in float32."""
+        return self.dtype == torch.float32
+
+    def bias(self, lead: torch.Size, device: torch.device) -> torch.Tensor | None:
+        """The logits' bias g[group] + log s for the tokens of a call, (N, k) or (k,), built once
+        per token grid (prefill, decode); zero-padded over z's columns when it rides on the GEMM."""
+        if lead not in self.biases:
+            bias = self.logit_shift
+            if self.group_bias is not None:
+                groups, _ = self.inputs.for_tokens(lead, device)
+                bias = self.group_bias[groups] if bias is None else self.group_bias[groups] + bias
+            if bias is not None and self.bias_on_gemm:
+                bias = F.pad(bias, (self.split[0], 0))
+            self.biases[lead] = bias
+        return self.biases[lead]
 
     @staticmethod
     @torch.no_grad()
     def build(layer: TeamLoRALinear, inputs: RoutingInputs | None, versions: list) -> _InferencePlan:
+        """Chooses the closed form where the normaliser of v = phi C is provably its sum phi . s
+        (s_j = sum_i C_ji): for `reference` when every s_j > 0; for `l1` when moreover C >= 0,
+        so v >= 0. Then v / (phi . s) = softmax(logits + log s) D^-1 C: phi_j s_j / (phi . s) is
+        the softmax of the shifted logits, and the division becomes a bias. Otherwise q is
+        divided by its norm; the l1 guard is kept only where it can bind: |v|_1 >= phi . s >=
+        min_j s_j."""
         a, k, r_b = layer.lora_A, layer.num_experts, layer.expert_rank
         interaction = torch.eye(k, device=a.device)
         if layer.competition is not None:
             interaction = interaction + layer.competition.float()
+        row_sums = interaction.sum(1)
+        positive_sums = bool(row_sums.min() >= CLOSED_FORM_MIN_ROW_SUM)
+        reference = layer.config.competition_norm == "reference"
+        closed = positive_sums and (reference or bool(interaction.min() >= 0))
+        if closed:
+            norm, eps, scale = None, None, k * layer.scaling
+            mix = interaction / row_sums[:, None]
+            shift = None if layer.competition is None else row_sums.log()  # log 1 = 0: no shift
+        else:
+            norm, scale, mix, shift = layer.config.competition_norm, r_b * k * layer.scaling, interaction, None
+            eps = None if reference or positive_sums else r_b * L1_GUARD
         grouped = layer.group_bias is not None and inputs is not None and inputs.token_groups is not None
         return _InferencePlan(
             versions, a.dtype, torch.cat([a, layer.router]).t(), (layer.config.r, k),
-            interaction.repeat_interleave(r_b, dim=1), layer.config.competition_norm == "reference",
-            r_b * L1_GUARD, r_b * k * layer.scaling, inputs,
+            mix.repeat_interleave(r_b, dim=1).contiguous(), norm, eps, scale, shift, inputs,
             layer.group_bias.detach().float() if grouped else None)
