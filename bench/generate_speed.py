@@ -3,8 +3,10 @@
 A model with SmolLM2-135M's config and random weights, all-linear adapters of rank 64 (TeamLoRA
 k = 4, group routing on), greedy decoding under a routing context. Two grad modes:
 `inference_mode`, as `MultimodalLM.generate` runs it, and `no_grad`, as a plain Hugging Face
-`model.generate` runs it; peft's LoRA is the outside anchor. tokens/s (new tokens) is the median
-over interleaved repeats, min-max in brackets; `x LoRA` is the median of the per-repeat ratios.
+`model.generate` runs it; peft's LoRA is the outside anchor. TeamLoRA runs its compiled CPU routing
+tail (mm_teamlora/adapters/kernels.py; built on first use) and, in the `PyTorch ops` row, the same
+inference form without it. tokens/s (new tokens) is the median over interleaved repeats, min-max
+in brackets; `x LoRA` is the median of the per-repeat ratios.
 
     .venv/bin/python bench/generate_speed.py [--repeats 5] [--batch 4] [--prompt 64] [--new 32]
 """
@@ -12,6 +14,7 @@ over interleaved repeats, min-max in brackets; `x LoRA` is the median of the per
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -19,7 +22,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mm_teamlora.adapters import AdapterConfig, apply_adapters, routing_context
+from mm_teamlora.adapters import AdapterConfig, apply_adapters, kernels, routing_context
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -60,21 +63,25 @@ def main() -> None:
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch, args.prompt))
     groups = torch.ones_like(ids)
     modes = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
-    runs = [(mode, label) for label in ("frozen", "peft LoRA", "LoRA", "TeamLoRA k=4") if label in models
-            for mode in ("inference_mode",)]
+    ops_only = "TeamLoRA, PyTorch ops"
+    runs = [("inference_mode", label) for label in ("frozen", "peft LoRA", "LoRA", "TeamLoRA k=4", ops_only)
+            if label in models or label == ops_only]
     runs += [("no_grad", "LoRA"), ("no_grad", "TeamLoRA k=4")]
+    kernel = kernels.cpu_route_kernel()  # built here (once), not inside a timed run
 
     def run(mode: str, label: str) -> None:
-        with modes[mode](), routing_context(groups):
-            out = models[label].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
-                                         min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+        model = models["TeamLoRA k=4" if label == ops_only else label]
+        ops = kernels.pytorch_ops_only() if label == ops_only else contextlib.nullcontext()
+        with ops, modes[mode](), routing_context(groups):
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                                 min_new_tokens=args.new, do_sample=False, pad_token_id=0)
         assert out.shape[1] == args.prompt + args.new
 
     for key in runs:
         run(*key)  # warm-up
     times = {key: [] for key in runs}
-    for _ in range(args.repeats):
-        for key in runs:
+    for repeat in range(args.repeats):
+        for key in runs if repeat % 2 == 0 else runs[::-1]:  # alternating order: a steady drift cancels
             start = time.perf_counter()
             run(*key)
             times[key].append(time.perf_counter() - start)
@@ -85,14 +92,16 @@ def main() -> None:
     ratio = {(mode, label): statistics.median(lo / t for lo, t in zip(times[mode, "LoRA"], ts))
              for (mode, label), ts in times.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, prompt {args.prompt}, "
-          f"{args.new} new tokens, greedy, KV cache, fp32; {args.repeats} interleaved repeats")
-    print(f"{'grad mode':<15} {'model':<13} {'tokens/s':>9} {'[min - max]':>15} {'x LoRA':>7}")
+          f"{args.new} new tokens, greedy, KV cache, fp32; {args.repeats} interleaved repeats; "
+          f"CPU routing kernel {'built' if kernel is not None else 'NOT built: TeamLoRA rows run PyTorch ops'}")
+    print(f"{'grad mode':<15} {'model':<21} {'tokens/s':>9} {'[min - max]':>15} {'x LoRA':>7}")
     for (mode, label), t in times.items():
         spread = f"[{new_tokens / max(t):.1f} - {new_tokens / min(t):.1f}]"
-        print(f"{mode:<15} {label:<13} {speed[mode, label]:>9.1f} {spread:>15} {ratio[mode, label]:>7.3f}")
+        print(f"{mode:<15} {label:<21} {speed[mode, label]:>9.1f} {spread:>15} {ratio[mode, label]:>7.3f}")
     team = ratio["inference_mode", "TeamLoRA k=4"]
     result = (f"RESULT teamlora_over_lora={team:.3f} "
               f"teamlora_over_lora_no_grad={ratio['no_grad', 'TeamLoRA k=4']:.3f} "
+              f"teamlora_pytorch_ops_over_lora={ratio['inference_mode', ops_only]:.3f} "
               f"lora_over_frozen={1 / ratio['inference_mode', 'frozen']:.3f}")
     if "peft LoRA" in models:
         result += f" teamlora_over_peft_lora={team / ratio['inference_mode', 'peft LoRA']:.3f}"

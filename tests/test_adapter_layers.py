@@ -1,11 +1,12 @@
 """Exact equivalences the methods promise, on tiny Llama, Qwen2 and GPT-2 models."""
 
+import contextlib
 import copy
 
 import pytest
 import torch
 
-from mm_teamlora.adapters import AdapterConfig, adapter_layers, apply_adapters, record_routing, routing_context
+from mm_teamlora.adapters import AdapterConfig, adapter_layers, apply_adapters, kernels, record_routing, routing_context
 from conftest import tiny_model
 from helpers import adapted, grads, randomize_adapters
 
@@ -208,11 +209,15 @@ def test_teamlora_inference_forward_equals_the_training_forward(competition_norm
 
 @pytest.mark.parametrize("competition_norm", ["l1", "reference"])
 @pytest.mark.parametrize("interaction", ["non-negative", "mixed signs", "a negative row sum"])
+@pytest.mark.parametrize("cpu_kernel", [True, False])
 def test_teamlora_inference_forms_equal_the_training_forward_for_every_interaction(competition_norm, interaction,
-                                                                                   batch):
+                                                                                   cpu_kernel, batch):
     """The inference form folds the normaliser into the softmax where it is provably the sum
     (I + M >= 0 for l1; positive row sums for reference) and divides otherwise: every case gives
-    the training form's logits, and each case takes the form it is meant to exercise."""
+    the training form's logits, through the compiled CPU routing tail and through PyTorch ops,
+    and each case takes the form it is meant to exercise."""
+    if cpu_kernel and kernels.cpu_route_kernel() is None:
+        pytest.skip("no C++ compiler: the kernel is covered by tests/test_route_kernel.py's build check")
     ids, mask = batch
     model = adapted(method="teamlora", competition_norm=competition_norm, group_routing=True).eval()
     randomize_adapters(model)
@@ -228,12 +233,13 @@ def test_teamlora_inference_forms_equal_the_training_forward_for_every_interacti
                 m[0] = torch.tensor([0.0, -0.9, -0.9, 0.4])  # row sum of I + M: -0.4
     expected_norm = None if interaction == "non-negative" or (interaction, competition_norm) == ("mixed signs", "reference") else competition_norm
     groups = torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(5))
-    with routing_context(groups) as inputs:
+    with contextlib.nullcontext() if cpu_kernel else kernels.pytorch_ops_only(), routing_context(groups) as inputs:
         observed = model(input_ids=ids, attention_mask=mask).logits.detach()
         with torch.no_grad():
             fast = model(input_ids=ids, attention_mask=mask).logits
     plans = inputs.layer_state.values()
     assert {plan.norm for plan in plans} == {expected_norm}
+    assert all((plan.kernel is not None) == cpu_kernel for plan in plans)
     torch.testing.assert_close(fast, observed, rtol=1e-5, atol=1e-5)
 
 

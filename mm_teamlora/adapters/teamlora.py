@@ -18,7 +18,8 @@ The loop form (`implementation="loop"`) is the readable reference, one matmul pe
 
 Generation (eval mode, no grad, no recorder) runs the fused maths in fewer ops, with matrices kept
 for the length of one routing context (`_forward_inference`): a decode step is many layers on a
-handful of tokens, where each op costs more than its arithmetic.
+handful of tokens, where each op costs more than its arithmetic. In float32 on CPU its routing
+tail is one compiled call (`kernels.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import AdapterConfig
 from .lora import kaiming_uniform
 from .routed import RoutedAdapterLayer, fixed_expert_weights
@@ -115,15 +117,18 @@ class TeamLoRALinear(RoutedAdapterLayer):
             z_logits = torch.addmm(bias, h, plan.down_t)
         else:
             z_logits = torch.mm(h, plan.down_t)
-        # split_with_sizes, not Tensor.split: the same views without a Python-level wrapper
-        z, logits = z_logits.split_with_sizes(plan.split, dim=-1)
-        if bias is not None and not plan.bias_on_gemm:
-            logits = logits.float() + bias  # router maths in float32, as in the training form
-        q = logits.softmax(-1, dtype=torch.float32) @ plan.mix
-        update = z * q  # float32 for a low-precision z: one rounding, just below
-        if plan.norm is not None:
-            total = q.sum(-1, keepdim=True) if plan.norm == "reference" else torch.linalg.vector_norm(q, 1, -1, keepdim=True)
-            update = update.div_(total if plan.eps is None else total.clamp_min_(plan.eps))
+        if plan.kernel is not None:  # float32 on CPU: the rest in one compiled call (see kernels.py)
+            update = plan.kernel.route(z_logits, plan.mix, *plan.kernel_args)
+        else:
+            # split_with_sizes, not Tensor.split: the same views without a Python-level wrapper
+            z, logits = z_logits.split_with_sizes(plan.split, dim=-1)
+            if bias is not None and not plan.bias_on_gemm:
+                logits = logits.float() + bias  # router maths in float32, as in the training form
+            q = logits.softmax(-1, dtype=torch.float32) @ plan.mix
+            update = z * q  # float32 for a low-precision z: one rounding, just below
+            if plan.norm is not None:
+                total = q.sum(-1, keepdim=True) if plan.norm == "reference" else torch.linalg.vector_norm(q, 1, -1, keepdim=True)
+                update = update.div_(total if plan.eps is None else total.clamp_min_(plan.eps))
         if update.dtype != plan.dtype:
             update = update.to(plan.dtype)
         if self.balance_loss is not None:
@@ -176,6 +181,8 @@ class _InferencePlan:
     logit_shift: torch.Tensor | None  # log s (k,) float32 in the closed form
     inputs: RoutingInputs | None
     group_bias: torch.Tensor | None  # g in float32, when routing uses groups and the context gives them
+    kernel: object | None  # the compiled routing tail (kernels.py), for float32 on CPU
+    kernel_args: tuple[int, float]  # its (mode, eps): 0 closed form, 1 l1, 2 reference; eps < 0: no guard
     biases: dict = field(default_factory=dict)  # token grid -> logit bias of its tokens
 
     @property
@@ -221,7 +228,9 @@ class _InferencePlan:
             norm, scale, mix, shift = layer.config.competition_norm, r_b * k * layer.scaling, interaction, None
             eps = None if reference or positive_sums else r_b * L1_GUARD
         grouped = layer.group_bias is not None and inputs is not None and inputs.token_groups is not None
+        kernel = kernels.cpu_route_kernel() if a.device.type == "cpu" and a.dtype == torch.float32 else None
         return _InferencePlan(
             versions, a.dtype, torch.cat([a, layer.router]).t(), (layer.config.r, k),
             mix.repeat_interleave(r_b, dim=1).contiguous(), norm, eps, scale, shift, inputs,
-            layer.group_bias.detach().float() if grouped else None)
+            layer.group_bias.detach().float() if grouped else None,
+            kernel, ({None: 0, "l1": 1, "reference": 2}[norm], -1.0 if eps is None else eps))
