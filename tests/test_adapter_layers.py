@@ -209,17 +209,19 @@ def test_teamlora_inference_forward_equals_the_training_forward(competition_norm
 
 @pytest.mark.parametrize("competition_norm", ["l1", "reference"])
 @pytest.mark.parametrize("interaction", ["non-negative", "mixed signs", "a negative row sum"])
-@pytest.mark.parametrize("cpu_kernel", [True, False])
+@pytest.mark.parametrize("path", ["cpu kernel", "float32 ops", "float64 ops"])
 def test_teamlora_inference_forms_equal_the_training_forward_for_every_interaction(competition_norm, interaction,
-                                                                                   cpu_kernel, batch):
+                                                                                   path, batch):
     """The inference form folds the normaliser into the softmax where it is provably the sum
     (I + M >= 0 for l1; positive row sums for reference) and divides otherwise: every case gives
-    the training form's logits, through the compiled CPU routing tail and through PyTorch ops,
-    and each case takes the form it is meant to exercise."""
-    if cpu_kernel and kernels.cpu_route_kernel() is None:
+    the training form's logits, through the compiled CPU routing tail, through PyTorch ops, and
+    with the logit bias added outside the GEMM (float64), and each case takes the form it is
+    meant to exercise."""
+    if path == "cpu kernel" and kernels.cpu_route_kernel() is None:
         pytest.skip("no C++ compiler: the kernel is covered by tests/test_route_kernel.py's build check")
     ids, mask = batch
-    model = adapted(method="teamlora", competition_norm=competition_norm, group_routing=True).eval()
+    dtype = torch.float64 if path == "float64 ops" else torch.float32
+    model = adapted(method="teamlora", competition_norm=competition_norm, group_routing=True, dtype=dtype).eval()
     randomize_adapters(model)
     with torch.no_grad():
         for layer in adapter_layers(model).values():
@@ -228,18 +230,19 @@ def test_teamlora_inference_forms_equal_the_training_forward_for_every_interacti
                 m.abs_()
             elif interaction == "mixed signs":
                 m.copy_(torch.tensor([[0.0, 0.3, -0.2, 0.1], [-0.3, 0.0, 0.2, 0.1], [0.1, -0.1, 0.0, 0.2],
-                                      [0.2, 0.1, -0.1, 0.0]]))
+                                      [0.2, 0.1, -0.1, 0.0]], dtype=dtype))
             else:
-                m[0] = torch.tensor([0.0, -0.9, -0.9, 0.4])  # row sum of I + M: -0.4
+                m[0] = torch.tensor([0.0, -0.9, -0.9, 0.4], dtype=dtype)  # row sum of I + M: -0.4
     expected_norm = None if interaction == "non-negative" or (interaction, competition_norm) == ("mixed signs", "reference") else competition_norm
     groups = torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(5))
-    with contextlib.nullcontext() if cpu_kernel else kernels.pytorch_ops_only(), routing_context(groups) as inputs:
+    ops_only = kernels.pytorch_ops_only() if path == "float32 ops" else contextlib.nullcontext()
+    with ops_only, routing_context(groups) as inputs:
         observed = model(input_ids=ids, attention_mask=mask).logits.detach()
         with torch.no_grad():
             fast = model(input_ids=ids, attention_mask=mask).logits
     plans = inputs.layer_state.values()
     assert {plan.norm for plan in plans} == {expected_norm}
-    assert all((plan.kernel is not None) == cpu_kernel for plan in plans)
+    assert all((plan.kernel is not None) == (path == "cpu kernel") for plan in plans)
     torch.testing.assert_close(fast, observed, rtol=1e-5, atol=1e-5)
 
 
@@ -262,19 +265,26 @@ def test_teamlora_inference_forward_applies_the_l1_guard_like_the_training_forwa
     torch.testing.assert_close(fast, observed, rtol=1e-5, atol=1e-5)
 
 
-def test_teamlora_inference_forward_in_bf16_is_as_accurate_as_the_training_forward(batch):
+@pytest.mark.parametrize("interaction", ["mixed signs", "non-negative"])
+def test_teamlora_inference_forward_in_bf16_is_as_accurate_as_the_training_forward(interaction, batch):
     """Both bf16 forms against the same weights in float32: the few-op form rounds in other places
     (a single chaotic position can differ more), but its mean error must stay of the training
-    form's size; a wrong term would make it as large as the logits."""
+    form's size; a wrong term would make it as large as the logits. Non-negative interactions
+    take the closed form (log s joins the float32 logit bias)."""
     ids, mask = batch
     model = adapted(method="teamlora", group_routing=True, dtype=torch.bfloat16).eval()
     randomize_adapters(model, scale=0.1)
+    if interaction == "non-negative":
+        with torch.no_grad():
+            for layer in adapter_layers(model).values():
+                layer.competition.abs_()
     reference = copy.deepcopy(model).float()
-    with routing_context(torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(5))):
+    with routing_context(torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(5))) as inputs:
         exact = reference(input_ids=ids, attention_mask=mask).logits.detach()
         observed = model(input_ids=ids, attention_mask=mask).logits.detach()
         with torch.no_grad():
             fast = model(input_ids=ids, attention_mask=mask).logits
+    assert {plan.norm for plan in inputs.layer_state.values()} == {None if interaction == "non-negative" else "l1"}
     assert fast.dtype == torch.bfloat16
     observed_error = (observed.float() - exact).abs().mean()
     assert (fast.float() - exact).abs().mean() <= 1.5 * observed_error < exact.abs().mean() / 10
@@ -398,6 +408,42 @@ def test_group_bias_is_added_in_float32_in_the_bf16_inference_form():
             fast = model(x.bfloat16()).float() - reference[0].base_layer(x)
     observed_error = (observed - exact).abs().mean()
     assert (fast - exact).abs().mean() <= 1.2 * observed_error
+
+
+def test_a_long_prompt_leaves_no_per_layer_bias_in_the_context():
+    """Decode steps keep their (tokens x (r + k)) logit bias; a 300-token prefill builds it per
+    call (and still routes by group), so a long context does not hold one per layer."""
+    from torch import nn
+
+    model = apply_adapters(nn.Sequential(nn.Linear(16, 16)).eval(),
+                           AdapterConfig(method="teamlora", r=8, num_experts=4, group_routing=True, target_modules=["0"]))
+    with torch.no_grad():
+        for p in (model[0].lora_B, model[0].group_bias):
+            p.copy_(torch.randn_like(p))
+    prompt, step = torch.randn(2, 300, 16), torch.randn(2, 1, 16)
+    with routing_context(torch.randint(0, 3, (2, 300))) as inputs:
+        expected = model(prompt).detach()  # grad on: the training form
+        with torch.no_grad():
+            prefill = model(prompt)
+            model(step)
+    assert list(inputs.layer_state[model[0]].biases) == [torch.Size([2, 1])]
+    torch.testing.assert_close(prefill, expected)
+
+
+def test_inference_form_runs_under_a_float64_default_dtype(batch):
+    """`torch.set_default_dtype(torch.float64)` must not leak into a float32 model's matrices."""
+    ids, mask = batch
+    model = adapted(method="teamlora").eval()
+    randomize_adapters(model)
+    expected = model(input_ids=ids, attention_mask=mask).logits.detach()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.no_grad():
+            fast = model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        torch.set_default_dtype(default)
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_inference_matrices_live_in_the_routing_context_and_go_with_it(batch):

@@ -34,8 +34,9 @@ def route():
 
 def test_kernel_builds_where_a_compiler_exists():
     """Otherwise the kernel's tests skip and generation silently runs the slower ops."""
-    if not (shutil.which("c++") or shutil.which("g++")) or os.environ.get("MM_TEAMLORA_CPU_KERNEL") == "0":
-        pytest.skip("no C++ compiler here")
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if compiler is None or os.environ.get("MM_TEAMLORA_CPU_KERNEL") == "0":
+        pytest.skip("no C++ compiler here, or the kernel is turned off")
     assert kernels.cpu_route_kernel() is not None
 
 
@@ -50,6 +51,24 @@ def test_kernel_equals_the_formula_on_strided_rows(route, mode, tokens):
     out = route(z_logits, mix, mode, 1e-6)
     assert out.shape == (tokens, r) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), eager_route(z_logits, mix, mode, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", ["per token", "one row", "none"])
+def test_add_update_is_result_plus_the_routed_update(route, bias):
+    """A layer's whole update in one call: result + alpha * route(h [A; R]^T + bias) B^T."""
+    gen = torch.Generator().manual_seed(3)
+    tokens, d_in, d_out, r, k = 5, 12, 10, 8, 4
+    result, h = torch.randn(tokens, d_out, generator=gen), torch.randn(tokens, d_in, generator=gen)
+    down_t = torch.randn(r + k, d_in, generator=gen).t()  # a transposed view, as the plan keeps it
+    lora_b = torch.randn(d_out, r, generator=gen)
+    mix = (torch.eye(k) + 0.2).repeat_interleave(r // k, dim=1)
+    shape = {"per token": (tokens, r + k), "one row": (r + k,), "none": None}[bias]
+    bias = None if shape is None else torch.randn(shape, generator=gen)
+    z_logits = h @ down_t if bias is None else h @ down_t + bias
+    expected = result + 2.5 * route(z_logits, mix, 1, 1e-6) @ lora_b.t()
+    out = kernels.cpu_route_kernel().add_update(result, h, down_t, bias, mix, lora_b, 1, 1e-6, 2.5)
+    torch.testing.assert_close(out, expected)
+    assert not torch.equal(out, result)
 
 
 def test_kernel_applies_the_l1_guard_only_when_asked(route):

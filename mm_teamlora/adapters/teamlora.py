@@ -24,6 +24,7 @@ tail is one compiled call (`kernels.py`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -109,30 +110,32 @@ class TeamLoRALinear(RoutedAdapterLayer):
             update = c' z * (softmax(logits + log s) D^-1 C E),   D = diag(s),  c' = k s
         The factor rides on the last GEMM (its alpha), so no low-precision tensor grows by it."""
         result = self.base_layer(x)
+        if self.balance_loss is not None:
+            self.balance_loss = None  # nothing to observe in an inference forward
         h = x.reshape(-1, self.in_features)
         if h.dtype != plan.dtype:
             h = h.to(plan.dtype)
         bias = plan.bias(x.shape[:-1], x.device)
+        if plan.kernel is not None and result.dtype == torch.float32 and result.is_contiguous():
+            # float32 on CPU: both GEMMs and the routing in one compiled call (kernels.py)
+            out = plan.kernel.add_update(result.view(-1, result.shape[-1]), h, plan.down_t, bias, plan.mix,
+                                         self.lora_B, *plan.kernel_args, plan.scale)
+            return out.view(result.shape)
         if bias is not None and plan.bias_on_gemm:
             z_logits = torch.addmm(bias, h, plan.down_t)
         else:
             z_logits = torch.mm(h, plan.down_t)
-        if plan.kernel is not None:  # float32 on CPU: the rest in one compiled call (see kernels.py)
-            update = plan.kernel.route(z_logits, plan.mix, *plan.kernel_args)
-        else:
-            # split_with_sizes, not Tensor.split: the same views without a Python-level wrapper
-            z, logits = z_logits.split_with_sizes(plan.split, dim=-1)
-            if bias is not None and not plan.bias_on_gemm:
-                logits = logits.float() + bias  # router maths in float32, as in the training form
-            q = logits.softmax(-1, dtype=torch.float32) @ plan.mix
-            update = z * q  # float32 for a low-precision z: one rounding, just below
-            if plan.norm is not None:
-                total = q.sum(-1, keepdim=True) if plan.norm == "reference" else torch.linalg.vector_norm(q, 1, -1, keepdim=True)
-                update = update.div_(total if plan.eps is None else total.clamp_min_(plan.eps))
+        # split_with_sizes, not Tensor.split: the same views without a Python-level wrapper
+        z, logits = z_logits.split_with_sizes(plan.split, dim=-1)
+        if bias is not None and not plan.bias_on_gemm:
+            logits = logits.float() + bias  # router maths in float32, as in the training form
+        q = logits.softmax(-1, dtype=torch.float32) @ plan.mix
+        update = z * q  # float32 for a low-precision z: one rounding, just below
+        if plan.norm is not None:
+            total = q.sum(-1, keepdim=True) if plan.norm == "reference" else torch.linalg.vector_norm(q, 1, -1, keepdim=True)
+            update = update.div_(total if plan.eps is None else total.clamp_min_(plan.eps))
         if update.dtype != plan.dtype:
             update = update.to(plan.dtype)
-        if self.balance_loss is not None:
-            self.balance_loss = None  # nothing to observe in an inference forward
         return self._add_update(result, update.view(*x.shape[:-1], self.config.r), self.lora_B, alpha=plan.scale)
 
     def _inference_plan(self, inputs: RoutingInputs | None) -> _InferencePlan | None:
@@ -163,6 +166,7 @@ class TeamLoRALinear(RoutedAdapterLayer):
 # The closed form needs every row sum of I + M at least this large: far above the l1 guard, and
 # D^-1 stays moderate (a row sum near 0 is where the reference normalisation itself blows up).
 CLOSED_FORM_MIN_ROW_SUM = 1e-3
+KEPT_BIAS_MAX_TOKENS = 256
 
 
 @dataclass(eq=False)
@@ -191,17 +195,21 @@ class _InferencePlan:
         return self.dtype == torch.float32
 
     def bias(self, lead: torch.Size, device: torch.device) -> torch.Tensor | None:
-        """The logits' bias g[group] + log s for the tokens of a call, (N, k) or (k,), built once
-        per token grid (prefill, decode); zero-padded over z's columns when it rides on the GEMM."""
-        if lead not in self.biases:
-            bias = self.logit_shift
-            if self.group_bias is not None:
-                groups, _ = self.inputs.for_tokens(lead, device)
-                bias = self.group_bias[groups] if bias is None else self.group_bias[groups] + bias
-            if bias is not None and self.bias_on_gemm:
-                bias = F.pad(bias, (self.split[0], 0))
+        """The logits' bias g[group] + log s for the tokens of a call, (N, k) or (k,); zero-padded
+        over z's columns when it rides on the GEMM. Kept for token grids of up to
+        `KEPT_BIAS_MAX_TOKENS` (decode steps); a prefill's is built per call, so a context does not
+        hold an (N, r + k) tensor per layer."""
+        if lead in self.biases:
+            return self.biases[lead]
+        bias = self.logit_shift
+        if self.group_bias is not None:
+            groups, _ = self.inputs.for_tokens(lead, device)
+            bias = self.group_bias[groups] if bias is None else self.group_bias[groups] + bias
+        if bias is not None and self.bias_on_gemm:
+            bias = F.pad(bias, (self.split[0], 0))
+        if math.prod(lead) <= KEPT_BIAS_MAX_TOKENS:
             self.biases[lead] = bias
-        return self.biases[lead]
+        return bias
 
     @staticmethod
     @torch.no_grad()
@@ -213,7 +221,7 @@ class _InferencePlan:
         divided by its norm; the l1 guard is kept only where it can bind: |v|_1 >= phi . s >=
         min_j s_j."""
         a, k, r_b = layer.lora_A, layer.num_experts, layer.expert_rank
-        interaction = torch.eye(k, device=a.device)
+        interaction = torch.eye(k, device=a.device, dtype=torch.float32)
         if layer.competition is not None:
             interaction = interaction + layer.competition.float()
         row_sums = interaction.sum(1)

@@ -51,6 +51,19 @@ torch::Tensor route(const torch::Tensor& z_logits, const torch::Tensor& mix, int
   return out;
 }
 
+// The whole adapter update of one layer: result + alpha * route(h [A; R]^T + bias) B^T, (N, d_out),
+// so a decode step crosses from Python once per layer for it. bias: (N or 1, r + k) or undefined.
+torch::Tensor add_update(const torch::Tensor& result, const torch::Tensor& h, const torch::Tensor& down_t,
+                         const c10::optional<torch::Tensor>& bias, const torch::Tensor& mix,
+                         const torch::Tensor& lora_b, int64_t mode, double eps, double alpha) {
+  auto z_logits = bias.has_value() ? at::addmm(*bias, h, down_t) : at::mm(h, down_t);
+  return at::addmm(result, route(z_logits, mix, mode, eps), lora_b.t(), 1.0, alpha);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("route", &route, "TeamLoRA routing tail: z * (softmax(logits) mix) / norm, per token row");
+  // without the GIL: other Python threads (a data loader, a server) keep running meanwhile
+  module.def("route", &route, "TeamLoRA routing tail: z * (softmax(logits) mix) / norm, per token row",
+             pybind11::call_guard<pybind11::gil_scoped_release>());
+  module.def("add_update", &add_update, "result + alpha * route(h [A; R]^T + bias) B^T",
+             pybind11::call_guard<pybind11::gil_scoped_release>());
 }
