@@ -3,12 +3,14 @@
 A model with SmolLM2-135M's config and random weights, all-linear adapters of rank 64 (TeamLoRA
 k = 4, group routing on), greedy decoding under a routing context. Two grad modes:
 `inference_mode`, as `MultimodalLM.generate` runs it, and `no_grad`, as a plain Hugging Face
-`model.generate` runs it; peft's LoRA is the outside anchor. TeamLoRA runs its compiled CPU routing
-tail (mm_teamlora/adapters/kernels.py; built on first use) and, in the `PyTorch ops` row, the same
+`model.generate` runs it; peft's LoRA is the outside anchor. TeamLoRA runs its compiled CPU update
+(mm_teamlora/adapters/kernels.py; built on first use) and, in the `PyTorch ops` rows, the same
 inference form without it. tokens/s (new tokens) is the median over interleaved repeats, min-max
-in brackets; `x LoRA` is the median of the per-repeat ratios.
+in brackets; `x LoRA` is the median of the per-repeat ratios. A shared machine drifts by +-5%
+between whole generations, so a second table times single decode steps with the models taking
+turns step by step: the steadier ratio.
 
-    .venv/bin/python bench/generate_speed.py [--repeats 5] [--batch 4] [--prompt 64] [--new 32]
+    .venv/bin/python bench/generate_speed.py [--repeats 5] [--batch 4] [--prompt 64] [--new 32] [--steps 100]
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import statistics
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from mm_teamlora.adapters import AdapterConfig, apply_adapters, kernels, routing_context
 
@@ -28,6 +30,7 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 RANK, ALPHA = 64, 32
+OPS_ONLY = "TeamLoRA, PyTorch ops"
 
 
 def build_models(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -51,28 +54,53 @@ def build_models(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return models
 
 
+def ops_context(label: str):
+    """TeamLoRA's plans for `OPS_ONLY` are built without the compiled kernel."""
+    return kernels.pytorch_ops_only() if label == OPS_ONLY else contextlib.nullcontext()
+
+
+def decode_steps(models: dict, ids: torch.Tensor, groups: torch.Tensor, steps: int) -> dict[str, list[float]]:
+    """Seconds per KV-cache decode step (inference_mode), the models taking turns step by step in
+    alternating order, each on a cache holding the prompt; a step's token is cropped off again,
+    so every step sees the same cache."""
+    times = {label: [] for label in models}
+    with torch.inference_mode(), routing_context(groups):
+        caches = {label: DynamicCache(config=model.config) for label, model in models.items()}
+        for label, model in models.items():
+            with ops_context(label):  # a layer's plan is built at its first forward in the context
+                model(input_ids=ids, cache=caches[label], use_cache=True)
+        token, labels = ids[:, -1:], list(models)
+        for step in range(steps + 2):
+            for label in labels if step % 2 == 0 else labels[::-1]:
+                start = time.perf_counter()
+                models[label](input_ids=token, cache=caches[label], use_cache=True)
+                if step >= 2:  # two warm-up steps
+                    times[label].append(time.perf_counter() - start)
+                caches[label].crop(-1)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=100, help="paired decode steps of the second table")
     args = parser.parse_args()
     torch.manual_seed(0)
     models = build_models(LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval().requires_grad_(False))
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch, args.prompt))
     groups = torch.ones_like(ids)
     modes = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
-    ops_only = "TeamLoRA, PyTorch ops"
-    runs = [("inference_mode", label) for label in ("frozen", "peft LoRA", "LoRA", "TeamLoRA k=4", ops_only)
-            if label in models or label == ops_only]
+    runs = [("inference_mode", label) for label in ("frozen", "peft LoRA", "LoRA", "TeamLoRA k=4", OPS_ONLY)
+            if label in models or label == OPS_ONLY]
     runs += [("no_grad", "LoRA"), ("no_grad", "TeamLoRA k=4")]
     kernel = kernels.cpu_route_kernel()  # built here (once), not inside a timed run
 
     def run(mode: str, label: str) -> None:
-        model = models["TeamLoRA k=4" if label == ops_only else label]
-        ops = kernels.pytorch_ops_only() if label == ops_only else contextlib.nullcontext()
-        with ops, modes[mode](), routing_context(groups):
+        model = models["TeamLoRA k=4" if label == OPS_ONLY else label]
+        with ops_context(label), modes[mode](), routing_context(groups):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                                  min_new_tokens=args.new, do_sample=False, pad_token_id=0)
         assert out.shape[1] == args.prompt + args.new
@@ -93,19 +121,33 @@ def main() -> None:
              for (mode, label), ts in times.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, prompt {args.prompt}, "
           f"{args.new} new tokens, greedy, KV cache, fp32; {args.repeats} interleaved repeats; "
-          f"CPU routing kernel {'built' if kernel is not None else 'NOT built: TeamLoRA rows run PyTorch ops'}")
+          f"CPU kernel {'built' if kernel is not None else 'NOT built: TeamLoRA rows run PyTorch ops'}")
     print(f"{'grad mode':<15} {'model':<21} {'tokens/s':>9} {'[min - max]':>15} {'x LoRA':>7}")
     for (mode, label), t in times.items():
         spread = f"[{new_tokens / max(t):.1f} - {new_tokens / min(t):.1f}]"
         print(f"{mode:<15} {label:<21} {speed[mode, label]:>9.1f} {spread:>15} {ratio[mode, label]:>7.3f}")
+
+    step_models = {label: models[label] for label in ("frozen", "peft LoRA", "LoRA", "TeamLoRA k=4") if label in models}
+    step_models[OPS_ONLY] = copy.deepcopy(models["TeamLoRA k=4"])  # its own layers, so its own plans
+    steps = decode_steps(step_models, ids, groups, args.steps)
+    step_ratio = {label: statistics.median(lo / t for lo, t in zip(steps["LoRA"], ts)) for label, ts in steps.items()}
+    print(f"\ndecode steps (inference_mode, cache of {args.prompt} tokens), {args.steps} turns, median")
+    print(f"{'model':<21} {'ms/step':>8} {'x LoRA':>7}")
+    for label, t in steps.items():
+        print(f"{label:<21} {statistics.median(t) * 1e3:>8.1f} {step_ratio[label]:>7.3f}")
+
     team = ratio["inference_mode", "TeamLoRA k=4"]
     result = (f"RESULT teamlora_over_lora={team:.3f} "
               f"teamlora_over_lora_no_grad={ratio['no_grad', 'TeamLoRA k=4']:.3f} "
-              f"teamlora_pytorch_ops_over_lora={ratio['inference_mode', ops_only]:.3f} "
+              f"teamlora_pytorch_ops_over_lora={ratio['inference_mode', OPS_ONLY]:.3f} "
+              f"decode_step_teamlora_over_lora={step_ratio['TeamLoRA k=4']:.3f} "
+              f"decode_step_pytorch_ops_over_lora={step_ratio[OPS_ONLY]:.3f} "
               f"lora_over_frozen={1 / ratio['inference_mode', 'frozen']:.3f}")
     if "peft LoRA" in models:
-        result += f" teamlora_over_peft_lora={team / ratio['inference_mode', 'peft LoRA']:.3f}"
+        result += (f" teamlora_over_peft_lora={team / ratio['inference_mode', 'peft LoRA']:.3f}"
+                   f" decode_step_teamlora_over_peft_lora={step_ratio['TeamLoRA k=4'] / step_ratio['peft LoRA']:.3f}")
     print(result)
+
 
 if __name__ == "__main__":
     main()
