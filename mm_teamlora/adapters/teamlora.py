@@ -18,8 +18,8 @@ The loop form (`implementation="loop"`) is the readable reference, one matmul pe
 
 Generation (eval mode, no grad, no recorder) runs the fused maths in fewer ops, with matrices kept
 for the length of one routing context (`_forward_inference`): a decode step is many layers on a
-handful of tokens, where each op costs more than its arithmetic. In float32 on CPU its routing
-tail is one compiled call (`kernels.py`).
+handful of tokens, where each op costs more than its arithmetic. In float32 on CPU a layer's whole
+update is one compiled call (`kernels.py`).
 """
 
 from __future__ import annotations
@@ -166,6 +166,7 @@ class TeamLoRALinear(RoutedAdapterLayer):
 # The closed form needs every row sum of I + M at least this large: far above the l1 guard, and
 # D^-1 stays moderate (a row sum near 0 is where the reference normalisation itself blows up).
 CLOSED_FORM_MIN_ROW_SUM = 1e-3
+# A plan keeps the logit bias of token grids up to this size (decode steps), not a long prefill's.
 KEPT_BIAS_MAX_TOKENS = 256
 
 
@@ -185,7 +186,7 @@ class _InferencePlan:
     logit_shift: torch.Tensor | None  # log s (k,) float32 in the closed form
     inputs: RoutingInputs | None
     group_bias: torch.Tensor | None  # g in float32, when routing uses groups and the context gives them
-    kernel: object | None  # the compiled routing tail (kernels.py), for float32 on CPU
+    kernel: object | None  # the compiled update (kernels.py), for float32 on CPU
     kernel_args: tuple[int, float]  # its (mode, eps): 0 closed form, 1 l1, 2 reference; eps < 0: no guard
     biases: dict = field(default_factory=dict)  # token grid -> logit bias of its tokens
 
