@@ -214,7 +214,7 @@ def test_teamlora_inference_forms_equal_the_training_forward_for_every_interacti
                                                                                    path, batch):
     """The inference form folds the normaliser into the softmax where it is provably the sum
     (I + M >= 0 for l1; positive row sums for reference) and divides otherwise: every case gives
-    the training form's logits, through the compiled CPU routing tail, through PyTorch ops, and
+    the training form's logits, through the compiled CPU update, through PyTorch ops, and
     with the logit bias added outside the GEMM (float64), and each case takes the form it is
     meant to exercise."""
     if path == "cpu kernel" and kernels.cpu_route_kernel() is None:
@@ -233,7 +233,8 @@ def test_teamlora_inference_forms_equal_the_training_forward_for_every_interacti
                                       [0.2, 0.1, -0.1, 0.0]], dtype=dtype))
             else:
                 m[0] = torch.tensor([0.0, -0.9, -0.9, 0.4], dtype=dtype)  # row sum of I + M: -0.4
-    expected_norm = None if interaction == "non-negative" or (interaction, competition_norm) == ("mixed signs", "reference") else competition_norm
+    closed = interaction == "non-negative" or (interaction, competition_norm) == ("mixed signs", "reference")
+    expected_norm = None if closed else competition_norm
     groups = torch.randint(0, 3, ids.shape, generator=torch.Generator().manual_seed(5))
     ops_only = kernels.pytorch_ops_only() if path == "float32 ops" else contextlib.nullcontext()
     with ops_only, routing_context(groups) as inputs:

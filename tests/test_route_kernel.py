@@ -1,4 +1,4 @@
-"""The compiled CPU routing tail of TeamLoRA's inference form (mm_teamlora/adapters/kernels.py)."""
+"""The compiled CPU update of TeamLoRA's inference form (mm_teamlora/adapters/kernels.py)."""
 
 import os
 import shutil
@@ -6,8 +6,9 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
-from mm_teamlora.adapters import kernels
+from mm_teamlora.adapters import AdapterConfig, apply_adapters, kernels
 
 
 def eager_route(z_logits: torch.Tensor, mix: torch.Tensor, mode: int, eps: float) -> torch.Tensor:
@@ -102,9 +103,16 @@ def test_a_failed_build_warns_once_and_leaves_the_pytorch_ops(monkeypatch):
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     with pytest.warns(UserWarning, match="could not be built .*no C\\+\\+ compiler found"):
         assert kernels.cpu_route_kernel() is None
+    model = apply_adapters(nn.Sequential(nn.Linear(16, 16)).eval(),
+                           AdapterConfig(method="teamlora", r=8, num_experts=4, target_modules=["0"]))
+    nn.init.normal_(model[0].lora_B)
+    x = torch.randn(3, 16)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert kernels.cpu_route_kernel() is None  # tried once per process
+        warnings.simplefilter("error")  # tried once per process: no second warning
+        assert kernels.cpu_route_kernel() is None
+        expected = model(x).detach()  # grad on: the training form
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected)  # the inference form, in PyTorch ops
 
 
 def test_the_kernel_can_be_turned_off(monkeypatch):

@@ -1,5 +1,6 @@
-// TeamLoRA's routing tail for generation on CPU, one call instead of ~5 small PyTorch ops.
-// For each token row [z (r) | logits (k)] of x [A; R]^T (+ bias), with mix (k x r) float32:
+// TeamLoRA's inference update for generation on CPU: `route`, the routing tail in one pass instead
+// of ~5 small PyTorch ops, and `add_update`, a layer's whole update in one call from Python.
+// route: for each token row [z (r) | logits (k)] of x [A; R]^T (+ bias), with mix (k x r) float32:
 //   phi = softmax(logits),  q = phi mix,  update = z * q / t
 // where t = 1 (mode 0, the closed form), max(|q|_1, eps) (mode 1, l1; eps < 0: no guard) or
 // sum(q) (mode 2, reference). The same maths and order as TeamLoRALinear._forward_inference.
