@@ -23,5 +23,13 @@ def adapted(family="llama", dtype=torch.float32, **config):
     return apply_adapters(model, AdapterConfig(**config))
 
 
+def one_layer(d_in, d_out=None, dtype=torch.float32, **config):
+    """An eval-mode `nn.Sequential` of one adapted `nn.Linear(d_in, d_out)` (module name "0")."""
+    from torch import nn
+
+    base = nn.Sequential(nn.Linear(d_in, d_out or d_in)).to(dtype).eval()
+    return apply_adapters(base, AdapterConfig(target_modules=["0"], **config))
+
+
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

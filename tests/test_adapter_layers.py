@@ -8,7 +8,7 @@ import torch
 
 from mm_teamlora.adapters import AdapterConfig, adapter_layers, apply_adapters, kernels, record_routing, routing_context
 from conftest import tiny_model
-from helpers import adapted, grads, randomize_adapters
+from helpers import adapted, grads, one_layer, randomize_adapters
 
 METHODS = ["lora", "moelora", "hydralora", "teamlora"]
 
@@ -367,11 +367,7 @@ def test_inference_forward_leaves_the_base_layer_output_untouched(batch):
 def test_inference_form_in_float16_does_not_overflow_where_the_training_form_does_not():
     """The inference form's scale c = r_b k s rides on the last GEMM: an fp16 A x of 540 (above
     65504 / (k alpha) = 512) must not become inf."""
-    from torch import nn
-
-    layer_model = nn.Sequential(nn.Linear(16, 8)).half().eval()
-    model = apply_adapters(layer_model, AdapterConfig(method="teamlora", r=8, num_experts=4, alpha=32.0,
-                                                      target_modules=["0"]))
+    model = one_layer(16, 8, torch.float16, method="teamlora", r=8, num_experts=4, alpha=32.0)
     layer = model[0]
     with torch.no_grad():
         layer.lora_A.fill_(0.0)
@@ -390,11 +386,8 @@ def test_group_bias_is_added_in_float32_in_the_bf16_inference_form():
     """Router maths runs in float32 in both forms: with large trained group biases (around 10)
     the bf16 inference form's update is as accurate as the training form's (adding g in bf16
     made its error about 1.6 times larger)."""
-    from torch import nn
-
     torch.manual_seed(0)
-    model = apply_adapters(nn.Sequential(nn.Linear(64, 64)).bfloat16().eval(),
-                           AdapterConfig(method="teamlora", r=8, num_experts=4, group_routing=True, target_modules=["0"]))
+    model = one_layer(64, dtype=torch.bfloat16, method="teamlora", r=8, num_experts=4, group_routing=True)
     layer = model[0]
     with torch.no_grad():
         for p in (layer.lora_B, layer.router, layer.competition):
@@ -414,10 +407,7 @@ def test_group_bias_is_added_in_float32_in_the_bf16_inference_form():
 def test_a_long_prompt_leaves_no_per_layer_bias_in_the_context():
     """Decode steps keep their (tokens x (r + k)) logit bias; a 300-token prefill builds it per
     call (and still routes by group), so a long context does not hold one per layer."""
-    from torch import nn
-
-    model = apply_adapters(nn.Sequential(nn.Linear(16, 16)).eval(),
-                           AdapterConfig(method="teamlora", r=8, num_experts=4, group_routing=True, target_modules=["0"]))
+    model = one_layer(16, method="teamlora", r=8, num_experts=4, group_routing=True)
     with torch.no_grad():
         for p in (model[0].lora_B, model[0].group_bias):
             p.copy_(torch.randn_like(p))

@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
-from mm_teamlora.adapters import AdapterConfig, apply_adapters, kernels
+from mm_teamlora.adapters import kernels
+from helpers import one_layer
 
 
 def eager_route(z_logits: torch.Tensor, mix: torch.Tensor, mode: int, eps: float) -> torch.Tensor:
@@ -26,11 +26,11 @@ def eager_route(z_logits: torch.Tensor, mix: torch.Tensor, mode: int, eps: float
 
 
 @pytest.fixture
-def route():
+def kernel():
     module = kernels.cpu_route_kernel()
     if module is None:
         pytest.skip("the kernel is not built here (no C++ compiler, or MM_TEAMLORA_CPU_KERNEL=0)")
-    return module.route
+    return module
 
 
 def test_kernel_builds_where_a_compiler_exists():
@@ -43,19 +43,19 @@ def test_kernel_builds_where_a_compiler_exists():
 
 @pytest.mark.parametrize("mode", [0, 1, 2])
 @pytest.mark.parametrize("tokens", [1, 7, 3000])  # 3000 rows: several threads' chunks
-def test_kernel_equals_the_formula_on_strided_rows(route, mode, tokens):
+def test_kernel_equals_the_formula_on_strided_rows(kernel, mode, tokens):
     gen = torch.Generator().manual_seed(tokens + mode)
     r, k = 16, 4
     wide = torch.randn(tokens, r + k + 5, generator=gen) * 3  # a row stride above r + k, as a view has
     z_logits = wide[:, : r + k]
     mix = (torch.eye(k) + torch.randn(k, k, generator=gen) * 0.3).repeat_interleave(r // k, dim=1)
-    out = route(z_logits, mix, mode, 1e-6)
+    out = kernel.route(z_logits, mix, mode, 1e-6)
     assert out.shape == (tokens, r) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), eager_route(z_logits, mix, mode, 1e-6), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bias", ["per token", "one row", "none"])
-def test_add_update_is_result_plus_the_routed_update(route, bias):
+def test_add_update_is_result_plus_the_routed_update(kernel, bias):
     """A layer's whole update in one call: result + alpha * route(h [A; R]^T + bias) B^T."""
     gen = torch.Generator().manual_seed(3)
     tokens, d_in, d_out, r, k = 5, 12, 10, 8, 4
@@ -66,22 +66,22 @@ def test_add_update_is_result_plus_the_routed_update(route, bias):
     shape = {"per token": (tokens, r + k), "one row": (r + k,), "none": None}[bias]
     bias = None if shape is None else torch.randn(shape, generator=gen)
     z_logits = h @ down_t if bias is None else h @ down_t + bias
-    expected = result + 2.5 * route(z_logits, mix, 1, 1e-6) @ lora_b.t()
-    out = kernels.cpu_route_kernel().add_update(result, h, down_t, bias, mix, lora_b, 1, 1e-6, 2.5)
+    expected = result + 2.5 * kernel.route(z_logits, mix, 1, 1e-6) @ lora_b.t()
+    out = kernel.add_update(result, h, down_t, bias, mix, lora_b, 1, 1e-6, 2.5)
     torch.testing.assert_close(out, expected)
     assert not torch.equal(out, result)
 
 
-def test_kernel_applies_the_l1_guard_only_when_asked(route):
+def test_kernel_applies_the_l1_guard_only_when_asked(kernel):
     """|q|_1 = 0.5 here (q = phi mix with mix = 0.5 everywhere): a guard of 2 binds, none does not."""
     z_logits = torch.cat([torch.ones(3, 8), torch.zeros(3, 2)], dim=1)
     mix = torch.full((2, 8), 0.5 / 8)
-    torch.testing.assert_close(route(z_logits, mix, 1, 2.0), torch.full((3, 8), 0.5 / 8 / 2.0))
-    torch.testing.assert_close(route(z_logits, mix, 1, -1.0), torch.full((3, 8), 1 / 8))
+    torch.testing.assert_close(kernel.route(z_logits, mix, 1, 2.0), torch.full((3, 8), 0.5 / 8 / 2.0))
+    torch.testing.assert_close(kernel.route(z_logits, mix, 1, -1.0), torch.full((3, 8), 1 / 8))
 
 
 @pytest.mark.parametrize("bad", ["dtype", "columns", "mode"])
-def test_kernel_rejects_inputs_it_cannot_read(route, bad):
+def test_kernel_rejects_inputs_it_cannot_read(kernel, bad):
     z_logits, mix, mode = torch.zeros(2, 10), torch.zeros(2, 8), 1
     if bad == "dtype":
         z_logits = z_logits.double()
@@ -90,7 +90,7 @@ def test_kernel_rejects_inputs_it_cannot_read(route, bad):
     else:
         mode = 3
     with pytest.raises(RuntimeError, match="route: "):
-        route(z_logits, mix, mode, -1.0)
+        kernel.route(z_logits, mix, mode, -1.0)
 
 
 def test_a_failed_build_warns_once_and_leaves_the_pytorch_ops(monkeypatch):
@@ -103,9 +103,8 @@ def test_a_failed_build_warns_once_and_leaves_the_pytorch_ops(monkeypatch):
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     with pytest.warns(UserWarning, match="could not be built .*no C\\+\\+ compiler found"):
         assert kernels.cpu_route_kernel() is None
-    model = apply_adapters(nn.Sequential(nn.Linear(16, 16)).eval(),
-                           AdapterConfig(method="teamlora", r=8, num_experts=4, target_modules=["0"]))
-    nn.init.normal_(model[0].lora_B)
+    model = one_layer(16, method="teamlora", r=8, num_experts=4)
+    torch.nn.init.normal_(model[0].lora_B)
     x = torch.randn(3, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # tried once per process: no second warning
