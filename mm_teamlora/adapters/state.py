@@ -10,7 +10,6 @@ Each file is written to a temporary name and renamed into place, so a reader nev
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..files import atomic_write, atomic_write_text
 from .config import AdapterConfig, CONFIG_FILE, METHODS
 from .inject import adapter_config, adapter_layers, apply_adapters, modules_to_save
 from .lora import is_conv1d
@@ -42,55 +42,37 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def atomic_write(path: str, write) -> None:
-    """`write(tmp)` then rename over `path`: a reader sees the old file or the new one, never half.
-    The file gets the mode an ordinary new file gets (0666 less the umask): safetensors creates its
-    files 0600, which would hide a checkpoint from the rest of a shared cluster group."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@functools.cache
-def _umask() -> int:
-    try:  # Linux shows it; setting it to read it would briefly change it for every thread
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-
-
-def _to_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies, ready for safetensors. An empty tensor is refused: it is
+    what a sharded parameter looks like before it is gathered (ZeRO-3), and saving it would write
+    a checkpoint that cannot be loaded."""
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise ValueError(f"refusing to save empty tensors {empty[:5]}{' ...' if len(empty) > 5 else ''}: "
+                         "sharded parameters must be gathered to full tensors first (pass state_dict=)")
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, format: str = "mm_teamlora",
-                 base_model_name_or_path: str | None = None) -> str:
+                 base_model_name_or_path: str | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> str:
     """Write the model's adapter to `directory`. `format="peft"` writes a plain LoRA adapter in the
-    layout `peft.PeftModel.from_pretrained` loads (LoRA only, no `modules_to_save`)."""
+    layout `peft.PeftModel.from_pretrained` loads (LoRA only, no `modules_to_save`).
+    `state_dict` (keys as `adapter_state_dict(model)`) replaces the live tensors, e.g. full tensors
+    gathered from shards by a training engine."""
     config = adapter_config(model)
     directory = os.fspath(directory)
+    live = adapter_state_dict(model)
+    if state_dict is not None and set(state_dict) != set(live):
+        missing, extra = sorted(set(live) - set(state_dict)), sorted(set(state_dict) - set(live))
+        raise ValueError(f"state_dict does not match the model's adapter tensors: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    tensors = cpu_tensors(live if state_dict is None else state_dict)
     os.makedirs(directory, exist_ok=True)
     if format == "peft":
-        return _save_peft(model, config, directory, base_model_name_or_path)
+        return _save_peft(model, config, directory, base_model_name_or_path, tensors)
     if format != "mm_teamlora":
         raise ValueError(f"format={format!r}; allowed: mm_teamlora, peft")
-    tensors = _to_cpu(adapter_state_dict(model))
     atomic_write(os.path.join(directory, WEIGHTS_FILE),
                   lambda p: save_file(tensors, p, metadata={"format": "pt", "method": config.method}))
     atomic_write_text(os.path.join(directory, CONFIG_FILE), config.to_json() + "\n")
@@ -154,16 +136,17 @@ def merge_adapters(model: nn.Module, expert_weights=None) -> nn.Module:
     return model
 
 
-def _save_peft(model: nn.Module, config: AdapterConfig, directory: str, base_name: str | None) -> str:
+def _save_peft(model: nn.Module, config: AdapterConfig, directory: str, base_name: str | None,
+               state: dict[str, torch.Tensor]) -> str:
     if config.method != "lora":
         raise ValueError(f"peft has no {config.method}; only plain LoRA adapters can be written in peft's layout")
     if config.modules_to_save:
         raise ValueError("peft export of modules_to_save is not supported; save them with the mm_teamlora format")
     layers = adapter_layers(model)
     tensors = {}
-    for name, layer in layers.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A
-        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B
+    for name in layers:
+        tensors[f"base_model.model.{name}.lora_A.weight"] = state[f"{name}.lora_A"]
+        tensors[f"base_model.model.{name}.lora_B.weight"] = state[f"{name}.lora_B"]
     fan_in_fan_out = any(is_conv1d(layer.base_layer) for layer in layers.values())
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
@@ -171,7 +154,6 @@ def _save_peft(model: nn.Module, config: AdapterConfig, directory: str, base_nam
         "fan_in_fan_out": fan_in_fan_out, "base_model_name_or_path": base_name, "inference_mode": True,
         "init_lora_weights": True, "use_rslora": False, "modules_to_save": None,
     }
-    tensors = _to_cpu(tensors)
     atomic_write(os.path.join(directory, WEIGHTS_FILE), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(peft_config, indent=2) + "\n")
     return directory

@@ -26,9 +26,6 @@ from .templates import TEMPLATES
 
 ON_ERROR = ("raise", "skip")
 TRUNCATION = ("tail", "skip")
-# where tokenised sources are cached unless the call or the config names a folder
-DEFAULT_CACHE_DIR = os.environ.get("MM_TEAMLORA_DATA_CACHE") or os.path.join(
-    os.path.expanduser("~"), ".cache", "mm_teamlora", "data")
 
 
 def _strict(cls, data: object, where: str) -> dict:
@@ -97,14 +94,16 @@ class MixtureConfig:
     template: str = "chat"  # chat | vicuna_v1 | plain
     tokenizer: str | None = None  # "tiny", or a tokenizer folder; library callers may pass an object
     max_length: int = 2048  # counting image_token_count tokens per image
-    image_token_count: int = 576  # must match the model (576: CLIP ViT-L/14-336); training overrides it
+    # tokens per image; the model's value is the truth: optional here (for `data check` without a
+    # model), and a value that disagrees with the model is an error (`build_dataset`)
+    image_token_count: int | None = None
     seed: int = 0
     on_error: str = "raise"  # raise | skip
     truncation: str = "tail"  # tail | skip
     num_samples: int | None = None  # total size with weights (default: no source repeated)
     shuffle: bool = True
     system_prompt: str | None = None  # added to conversations that have no system turn
-    cache_dir: str | None = None  # default $MM_TEAMLORA_DATA_CACHE or ~/.cache/mm_teamlora/data
+    cache_dir: str | None = None  # default files.cache_root("data")
     images: ImageCheckConfig = field(default_factory=ImageCheckConfig)
 
     def validate(self) -> "MixtureConfig":
@@ -113,7 +112,7 @@ class MixtureConfig:
         _check(where, "template", self.template, (str,), choices=TEMPLATES)
         _check(where, "tokenizer", self.tokenizer, (str, type(None)))
         _check(where, "max_length", self.max_length, (int,), positive=True)
-        _check(where, "image_token_count", self.image_token_count, (int,), positive=True)
+        _check(where, "image_token_count", self.image_token_count, (int, type(None)), positive=True)
         _check(where, "seed", self.seed, (int,))
         _check(where, "on_error", self.on_error, (str,), choices=ON_ERROR)
         _check(where, "truncation", self.truncation, (str,), choices=TRUNCATION)

@@ -17,7 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from .config import DEFAULT_CACHE_DIR, MixtureConfig
+from ..files import cache_root
+from .config import MixtureConfig
 from .errors import NOTES, ConfigError, SourceReport
 from .prepare import PreparedSource, prepare_source
 from .templates import ConversationTemplate
@@ -78,13 +79,13 @@ def build_mixture(config: MixtureConfig, tokenizer, cache_dir: str | None = None
                   rebuild: bool = False, report_dir: str | None = None,
                   log: Callable[[str], None] | None = print) -> Mixture:
     """Prepare, sample and order a mixture. `cache_dir` defaults to the config's, then to
-    $MM_TEAMLORA_DATA_CACHE or ~/.cache/mm_teamlora/data (`use_cache=False`: no cache);
+    `files.cache_root("data")` (under $MM_TEAMLORA_CACHE) (`use_cache=False`: no cache);
     `rebuild` ignores existing entries; `log=None` silences the count report (it is still
     returned in the reports and written to `report_dir`). Raises `DataError` under
     `on_error: raise`, `ConfigError` for unusable configs."""
     config.validate()
     if use_cache:
-        cache_dir = cache_dir or config.cache_dir or DEFAULT_CACHE_DIR
+        cache_dir = cache_dir or config.cache_dir or cache_root("data")
     else:
         cache_dir = None
     template = ConversationTemplate(config.template, tokenizer, config.system_prompt)

@@ -19,7 +19,7 @@ import json
 import os
 from collections import defaultdict
 
-from ..adapters.state import atomic_write
+from ..files import atomic_write
 from .answers import extract_letter
 from .mmbench import LETTERS, MMBenchQuestion
 

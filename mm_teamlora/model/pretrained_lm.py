@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from .cache import building, cache_root, is_complete
+from ..files import atomic_folder, cache_root, is_complete
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct-q4_1"
@@ -48,7 +48,7 @@ def cached_smollm2(cache_dir: str | None = None) -> str:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dequantised.state_dict(), strict=True)
     model.generation_config = dequantised.generation_config
-    with building(folder) as tmp:
+    with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return folder

