@@ -36,10 +36,10 @@ def test_eval_rescore_and_inspect_routing_end_to_end(tmp_path):
     import pathlib
 
     from mm_teamlora.adapters import AdapterConfig
-    from mm_teamlora.model import MultimodalConfig, build_multimodal
+    from mm_teamlora.model import MultimodalConfig, MultimodalLM
 
     tsv = str(pathlib.Path(__file__).parent / "fixtures" / "eval" / "mmbench_small.tsv")
-    model = build_multimodal(MultimodalConfig.preset("tiny-random"))
+    model = MultimodalLM.from_config(MultimodalConfig.preset("tiny-random"))
     model.add_adapters(AdapterConfig(method="teamlora", r=8, num_experts=4, group_routing=True))
     model.save_pretrained(tmp_path / "model")
     out = tmp_path / "eval"

@@ -6,9 +6,9 @@ import torch
 from mm_teamlora.adapters import AdapterConfig, adapter_layers, record_routing
 from mm_teamlora.constants import (GROUP_IMAGE, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE, IGNORE_INDEX,
                                    IMAGE_PLACEHOLDER_ID)
-from mm_teamlora.model import MultimodalConfig, MultimodalLM, build_multimodal
+from mm_teamlora.model import MultimodalConfig, MultimodalLM
 from helpers import randomize_adapters
-from model_helpers import make_batch
+from model_helpers import colour_image, make_batch
 
 TEXTS = ["Describe <image> briefly please.", "A text only question without pictures?", "<image> and <image> differ how?"]
 IMAGES = [[1], [], [2, 3]]
@@ -16,11 +16,11 @@ IMAGES = [[1], [], [2, 3]]
 
 @pytest.fixture(scope="module")
 def base():
-    return build_multimodal(MultimodalConfig.preset())
+    return MultimodalLM.from_config(MultimodalConfig.preset())
 
 
 def adapted_model(method="teamlora", group_routing=True):
-    model = build_multimodal(MultimodalConfig.preset())
+    model = MultimodalLM.from_config(MultimodalConfig.preset())
     model.add_adapters(AdapterConfig(method=method, r=8, num_experts=4, dropout=0.0, group_routing=group_routing))
     randomize_adapters(model.language_model, seed=3, scale=0.5)
     return model
@@ -162,6 +162,41 @@ def test_save_and_load_give_identical_logits(tmp_path):
     assert loaded.config == model.config
 
 
+def test_save_pretrained_writes_a_given_state_dict_and_refuses_unsharded_holes(tmp_path):
+    """What a sharding engine does: it gathers the checkpoint tensors and hands them over."""
+    model = adapted_model()
+    state = model.checkpoint_state_dict()
+    assert {k.split(".")[0] for k in state} == {"projector", "language_model"}
+    assert all(p.requires_grad for p in state.values() if isinstance(p, torch.nn.Parameter))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable <= set(state)  # everything trained is saved
+    gathered = {k: torch.full_like(v, 0.25) for k, v in state.items()}
+    model.save_pretrained(tmp_path / "given", state_dict=gathered)
+    loaded = MultimodalLM.from_pretrained(tmp_path / "given")
+    assert all(torch.equal(v, gathered[k]) for k, v in loaded.checkpoint_state_dict().items())
+    # what a ZeRO-3 shard looks like before it is gathered: refused, nothing half-useful written
+    holes = {k: torch.empty(0) if "lora_B" in k else v for k, v in state.items()}
+    with pytest.raises(ValueError, match="empty tensors .*gathered"):
+        model.save_pretrained(tmp_path / "holes", state_dict=holes)
+    assert not (tmp_path / "holes").exists()
+    with pytest.raises(ValueError, match="missing"):
+        model.save_pretrained(tmp_path / "partial", state_dict={k: v for k, v in state.items() if "projector" in k})
+
+
+def test_preset_takes_vision_overrides():
+    config = MultimodalConfig.preset("smollm2-dinov2-small", vision={"pool_to": 16}, seed=3)
+    assert config.vision.pool_to == 16 and config.vision.path == "dinov2-small" and config.seed == 3
+    with pytest.raises(ValueError, match="fixes the vision tower"):
+        MultimodalConfig.preset("tiny-random", vision={"path": "elsewhere"})
+
+
+def test_data_inputs_hand_the_dataset_what_it_needs():
+    model = adapted_model()
+    inputs = model.data_inputs()
+    assert inputs["tokenizer"] is model.tokenizer and inputs["image_token_count"] == model.image_token_count
+    assert inputs["image_processor"](colour_image(0)).shape[0] == 3
+
+
 @pytest.mark.parametrize("ids_kind", ["mixed", "text-only"])
 def test_gradient_checkpointing_gives_the_same_adapter_gradients(ids_kind):
     texts, images = (TEXTS, IMAGES) if ids_kind == "mixed" else ([TEXTS[1], "Plain words only"], [[], []])
@@ -183,13 +218,13 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(ids_kind):
 
 
 def test_adapters_go_on_the_language_model_only_and_bad_targets_are_clear():
-    model = build_multimodal(MultimodalConfig.preset())
+    model = MultimodalLM.from_config(MultimodalConfig.preset())
     model.add_adapters(AdapterConfig(method="teamlora", r=8, num_experts=4))
     assert adapter_layers(model.language_model) and not adapter_layers(model.vision_tower)
     assert not adapter_layers(model.projector)
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"language_model", "projector"}
     with pytest.raises(ValueError, match="matches no linear layer"):
-        build_multimodal(MultimodalConfig.preset()).add_adapters(AdapterConfig(target_modules=["c_attn"]))
+        MultimodalLM.from_config(MultimodalConfig.preset()).add_adapters(AdapterConfig(target_modules=["c_attn"]))
     with pytest.raises(ValueError, match="num_token_groups >= 3"):
-        build_multimodal(MultimodalConfig.preset()).add_adapters(AdapterConfig(group_routing=True, num_token_groups=2))
+        MultimodalLM.from_config(MultimodalConfig.preset()).add_adapters(AdapterConfig(group_routing=True, num_token_groups=2))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mm_teamlora.constants import IMAGE_PLACEHOLDER_ID
-from mm_teamlora.model import MultimodalConfig, VisionTowerConfig, build_multimodal
+from mm_teamlora.model import MultimodalConfig, MultimodalLM, VisionTowerConfig
 from mm_teamlora.model.tokenizer import tiny_tokenizer
 from mm_teamlora.model.vision import load_hf_vision_tower, load_open_clip_tower
 from mm_teamlora.model.zoo import tiny_language_model, tiny_vision_model
@@ -81,10 +81,10 @@ def test_open_clip_tower_random_init_is_said_plainly(caplog):
 
 def test_missing_sources_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="vision tower folder not found: /nowhere/clip"):
-        build_multimodal(MultimodalConfig(language_model="preset:tiny-random",
+        MultimodalLM.from_config(MultimodalConfig(language_model="preset:tiny-random",
                                           vision=VisionTowerConfig(kind="hf", path="/nowhere/clip")))
     with pytest.raises(FileNotFoundError, match="language model folder not found: /nowhere/lm"):
-        build_multimodal(MultimodalConfig(language_model="hf:/nowhere/lm", vision=VisionTowerConfig(kind="preset", path="tiny-random")))
+        MultimodalLM.from_config(MultimodalConfig(language_model="hf:/nowhere/lm", vision=VisionTowerConfig(kind="preset", path="tiny-random")))
     with pytest.raises(ValueError, match="KIND:PATH"):
         MultimodalConfig(language_model="/models/lm", vision=VisionTowerConfig(kind="preset", path="tiny-random"))
 
@@ -107,7 +107,7 @@ def tiny_llava_hf(path):
 
 def test_llava_hf_folder_gives_the_same_logits_as_llava_itself(tmp_path):
     llava = tiny_llava_hf(tmp_path)
-    model = build_multimodal(MultimodalConfig.llava_hf(str(tmp_path)))
+    model = MultimodalLM.from_config(MultimodalConfig.llava_hf(str(tmp_path)))
     assert model.image_token_count == 16 and model.config.vision.select_layer == -2
     ids, mask, pixels, counts = make_batch(model, ["Look <image> here"], [[7]])
     image_token = llava.config.image_token_index
@@ -137,7 +137,7 @@ def test_original_llava_layout_loads_lm_projector_and_tower(tmp_path):
                  "model.mm_projector.2.weight": torch.randn(64, 64), "model.mm_projector.2.bias": torch.randn(64)}
     torch.save(projector, tmp_path / "mm_projector.bin")
 
-    model = build_multimodal(MultimodalConfig.llava_original(str(lm_dir), str(tmp_path / "mm_projector.bin"),
+    model = MultimodalLM.from_config(MultimodalConfig.llava_original(str(lm_dir), str(tmp_path / "mm_projector.bin"),
                                                              str(vision_dir)))
     assert model.config.vision.select_layer == -1
     assert torch.equal(model.projector[0].weight, projector["model.mm_projector.0.weight"])

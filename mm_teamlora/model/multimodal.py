@@ -13,40 +13,94 @@ with the padding mask, reaches the adapters through `routing_context` on every f
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..adapters import AdapterConfig, apply_adapters, checkpoint_context_fn, routing_context
+from ..adapters import (AdapterConfig, adapter_layers, adapter_state_dict, apply_adapters, checkpoint_context_fn,
+                        load_adapter, routing_context, save_adapter)
 from ..constants import (GROUP_IMAGE, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE, IGNORE_INDEX, IMAGE_PLACEHOLDER_ID,
                          NUM_TOKEN_GROUPS)
+from ..adapters.state import cpu_tensors
+from ..files import atomic_write, atomic_write_text
+from .builder import build_parts
+from .config import CONFIG_FILE, MODEL_PRESETS, PROJECTOR_FILE, MultimodalConfig
 from .vision import VisionTower
+
+LM_PREFIX, PROJECTOR_PREFIX = "language_model.", "projector."
 
 
 class MultimodalLM(nn.Module):
-    def __init__(self, language_model: nn.Module, vision_tower: VisionTower, projector: nn.Module, config,
-                 tokenizer=None):
+    def __init__(self, language_model: nn.Module, vision_tower: VisionTower, projector: nn.Module,
+                 config: MultimodalConfig, tokenizer=None):
         super().__init__()
         self.language_model = language_model.requires_grad_(False)
         self.vision_tower = vision_tower.requires_grad_(False)
         self.projector = projector.requires_grad_(True)
-        self.config = config  # MultimodalConfig: how to rebuild this model (see builder.py)
+        self.config = config  # how to rebuild this model
         self.tokenizer = tokenizer
+
+    @classmethod
+    def from_config(cls, config: MultimodalConfig) -> "MultimodalLM":
+        """Build the model `config` describes: frozen LM and tower, projector trainable."""
+        parts = build_parts(config)
+        return cls(parts.language_model, parts.vision_tower, parts.projector, parts.config, parts.tokenizer)
 
     @property
     def image_token_count(self) -> int:
         return self.vision_tower.num_tokens
 
-    # -- checkpoints -------------------------------------------------------------------------
-    def save_pretrained(self, directory: str) -> str:
-        from .builder import save_multimodal
+    def data_inputs(self) -> dict:
+        """What the data pipeline needs from this model, as `build_dataset` takes it:
+        `build_dataset(mixture, **model.data_inputs())`."""
+        return {"tokenizer": self.tokenizer, "image_processor": self.vision_tower.preprocess,
+                "image_token_count": self.image_token_count}
 
-        return save_multimodal(self, directory)
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds, by their names in this model: the projector's and the
+        adapters' (never the frozen LM or tower). A training engine that shards parameters gathers
+        exactly these and hands them to `save_pretrained(state_dict=...)`."""
+        state = {PROJECTOR_PREFIX + k: v for k, v in self.projector.state_dict(keep_vars=True).items()}
+        if adapter_layers(self.language_model):
+            state.update({LM_PREFIX + k: v for k, v in adapter_state_dict(self.language_model).items()})
+        return state
+
+    def save_pretrained(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+        """Write config, projector and adapters into `directory` (each file written whole, then
+        renamed into place). `state_dict` (keys as `checkpoint_state_dict`) replaces the live
+        tensors, e.g. full tensors gathered from ZeRO-3 shards; which process writes is the
+        caller's choice."""
+        state = self.checkpoint_state_dict() if state_dict is None else state_dict
+        expected = set(self.checkpoint_state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"state_dict does not match the model's checkpoint tensors: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}")
+        state = cpu_tensors(state)  # refuses empty (ungathered) tensors before anything is written
+        os.makedirs(directory, exist_ok=True)
+        projector = {k[len(PROJECTOR_PREFIX):]: v for k, v in state.items() if k.startswith(PROJECTOR_PREFIX)}
+        atomic_write(os.path.join(directory, PROJECTOR_FILE), lambda p: save_file(projector, p))
+        if adapter_layers(self.language_model):
+            adapter = {k[len(LM_PREFIX):]: v for k, v in state.items() if k.startswith(LM_PREFIX)}
+            save_adapter(self.language_model, directory, state_dict=adapter)
+        atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(self.config.to_dict(), indent=2) + "\n")
+        return directory
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "MultimodalLM":
-        from .builder import load_multimodal
-
-        return load_multimodal(directory)
+        """Rebuild a model from a folder written by `save_pretrained`."""
+        config = MultimodalConfig.load(directory)
+        model = cls.from_config(dataclasses.replace(config, projector_init=None))
+        model.projector.load_state_dict(load_file(os.path.join(directory, PROJECTOR_FILE)), strict=True)
+        if os.path.isfile(os.path.join(directory, "adapter_config.json")):
+            load_adapter(model.language_model, directory)
+        model.config = config
+        return model
 
     # -- adapters ----------------------------------------------------------------------------
     def add_adapters(self, config: AdapterConfig) -> "MultimodalLM":
@@ -166,3 +220,13 @@ def _pad_rows(rows, padding_side: str, with_labels: bool) -> dict:
         embeds[b, span], mask[b, span], labels[b, span], groups[b, span] = e, 1, lab, g
     return {"inputs_embeds": embeds, "attention_mask": mask, "labels": labels if with_labels else None,
             "token_groups": groups}
+
+
+def load_model(spec: str) -> MultimodalLM:
+    """A model folder written by `save_pretrained`, or the name of a model preset."""
+    if os.path.isfile(os.path.join(spec, CONFIG_FILE)):
+        return MultimodalLM.from_pretrained(spec)
+    if spec in MODEL_PRESETS:
+        return MultimodalLM.from_config(MultimodalConfig.preset(spec))
+    raise FileNotFoundError(f"{spec!r} is neither a model folder (no {CONFIG_FILE} there) nor a preset "
+                            f"({', '.join(MODEL_PRESETS)})")
