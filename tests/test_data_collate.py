@@ -8,7 +8,8 @@ import torch
 
 from fixtures.data.helpers import REPO, TOKENS_PER_IMAGE, build, config, llava, make_image, tokenizer, write_json
 from mm_teamlora.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
-from mm_teamlora.data import DataCollator, DataError, InstructionDataset, ResizeToTensor, build_dataset, check_mixture
+from mm_teamlora.data import (ConfigError, DataCollator, DataError, InstructionDataset, MixtureConfig, ResizeToTensor,
+                              build_dataset, check_mixture)
 
 FIXTURE_MIX = os.path.join(REPO, "data_configs", "fixtures.yaml")
 
@@ -107,12 +108,24 @@ def test_image_changed_after_the_check_names_the_file(tmp_path):
         dataset[index]
 
 
-def test_build_dataset_from_yaml_overrides_image_token_count(tmp_path):
-    dataset = build_dataset(FIXTURE_MIX, tokenizer(), ResizeToTensor(8), image_token_count=4,
+def test_build_dataset_takes_the_models_image_token_count(tmp_path):
+    config = MixtureConfig.from_yaml(FIXTURE_MIX)
+    config.image_token_count = None  # the mixture leaves it to the model
+    dataset = build_dataset(config, tokenizer(), ResizeToTensor(8), image_token_count=4,
                             cache_dir=str(tmp_path), log=None)
-    assert dataset.mixture.config.image_token_count == 4
+    assert dataset.mixture.config.image_token_count == 4 and config.image_token_count is None  # not changed
     index = list(dataset.image_counts).index(2)
     assert dataset.lengths[index] == len(dataset[index]["input_ids"]) + 2 * (4 - 1)
+
+
+def test_a_mixture_that_disagrees_with_the_model_fails_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="says image_token_count: 16 but the model gives 4"):
+        build_dataset(FIXTURE_MIX, tokenizer(), ResizeToTensor(8), image_token_count=4, cache_dir=str(tmp_path),
+                      log=None)
+    config = MixtureConfig.from_yaml(FIXTURE_MIX)
+    config.image_token_count = None
+    with pytest.raises(ConfigError, match="has images .* image_token_count is unknown"):
+        build_dataset(config, tokenizer(), ResizeToTensor(8), cache_dir=str(tmp_path), log=None)
 
 
 # check_mixture ------------------------------------------------------------------------------------

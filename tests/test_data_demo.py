@@ -179,6 +179,7 @@ def test_training_file_is_llava_and_the_pipeline_accepts_it(built):
     # demo.yaml is a mixture the data pipeline reads, tokenises and keeps whole
     config = MixtureConfig.from_yaml(os.path.join(out, "demo.yaml"))
     assert config.sources[0].path == os.path.join(out, "train.json") and config.on_error == "raise"
+    config.image_token_count = 64  # the model's value (the mixture leaves it to the model)
     mixture = build_mixture(config, tokenizer(), cache_dir=os.path.join(built[2], "cache"))
     assert len(mixture) == 120 and mixture.reports[0].kept == 120
     # the grouped sampler over the real dataset: a full step holds one modality

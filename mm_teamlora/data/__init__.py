@@ -2,7 +2,7 @@
 weighted mixtures from `data_configs/*.yaml`, image checks, a torch Dataset and a collator.
 
     config = MixtureConfig.from_yaml("data_configs/fixtures.yaml")
-    dataset = build_dataset(config, tokenizer, image_processor, image_token_count=576)
+    dataset = build_dataset(config, **model.data_inputs())   # tokenizer, image processor, tokens per image
     loader = DataLoader(dataset, batch_size=8, collate_fn=DataCollator.from_tokenizer(tokenizer))
     # or grouped by modality and length, split over ranks, resumable:
     loader = DataLoader(dataset, batch_sampler=GroupedBatchSampler.from_dataset(dataset, batch_size=8),

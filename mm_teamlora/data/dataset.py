@@ -8,12 +8,14 @@ since raises a `DataError` naming it rather than training on a hole.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow.compute as pc
 import torch
 
 from .config import MixtureConfig
-from .errors import DataError, RecordProblem
+from .errors import ConfigError, DataError, RecordProblem
 from .images import ImageCheckConfig, load_image
 from .mixture import Mixture, build_mixture
 
@@ -73,10 +75,23 @@ class InstructionDataset(torch.utils.data.Dataset):
 
 def build_dataset(config: MixtureConfig | str, tokenizer, image_processor=None, image_token_count: int | None = None,
                   **mixture_kwargs) -> InstructionDataset:
-    """Config (object or YAML path) -> `InstructionDataset`. `image_token_count` (the model's)
-    overrides the config's; other keyword arguments go to `build_mixture`."""
+    """Config (object or YAML path) -> `InstructionDataset`; other keyword arguments go to
+    `build_mixture`. With a model: `build_dataset(config, **model.data_inputs())`.
+
+    `image_token_count` is the model's tokens per image, the truth: a config that names another
+    value is a `ConfigError`; the caller's config object is not changed."""
     if isinstance(config, str):
         config = MixtureConfig.from_yaml(config)
-    if image_token_count is not None:
-        config.image_token_count = image_token_count
+    config = with_image_token_count(config, image_token_count)
     return InstructionDataset(build_mixture(config, tokenizer, **mixture_kwargs), image_processor)
+
+
+def with_image_token_count(config: MixtureConfig, image_token_count: int | None) -> MixtureConfig:
+    """A copy of `config` with the model's tokens per image (None: keep the config's)."""
+    if image_token_count is None:
+        return config
+    if config.image_token_count not in (None, image_token_count):
+        raise ConfigError(f"mixture {config.name!r} says image_token_count: {config.image_token_count} but the "
+                          f"model gives {image_token_count} tokens per image; remove the key (the model's "
+                          "value is used) or make it agree")
+    return dataclasses.replace(config, image_token_count=image_token_count)

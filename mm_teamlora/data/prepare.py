@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from ..constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from .config import MixtureConfig, SourceConfig
-from .errors import DataError, ErrorPolicy, RecordProblem, SourceReport
+from .errors import ConfigError, DataError, ErrorPolicy, RecordProblem, SourceReport
 from .images import check_images, resolve_image_path
 from .sources import detect_format, parse_record, read_records
 from .templates import ConversationTemplate, sequence_length, tokenizer_fingerprint, truncate_tail
@@ -184,6 +184,10 @@ def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationT
 
 def _apply_length_policy(ids, labels, paths, mixture: MixtureConfig, policy: ErrorPolicy, file, raw, conv):
     """(input_ids, labels, images, length) that fit `max_length`, or None when dropped (counted)."""
+    if paths and mixture.image_token_count is None:
+        raise ConfigError(f"mixture {mixture.name!r}: {file} has images (first: record {raw.index}) but "
+                          "image_token_count is unknown; pass the model's (build_dataset(config, "
+                          "**model.data_inputs())) or set it in the mixture")
     length = sequence_length(ids, mixture.image_token_count)
     if length <= mixture.max_length:
         return ids, labels, paths, length

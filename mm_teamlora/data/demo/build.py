@@ -86,8 +86,7 @@ def mixture_yaml(train_json: str, image_root: str, eval_tsv: str, header: str = 
 name: demo
 template: chat               # the tokenizer's own chat template
 tokenizer: tiny              # for `data check` only; training passes the model's tokenizer
-max_length: 512              # counted with image_token_count tokens per image
-image_token_count: 64        # the embedded default's tokens per image; training passes the model's
+max_length: 512              # counted with the model's tokens per image
 seed: 0
 on_error: raise
 truncation: tail
