@@ -4,7 +4,7 @@ import pytest
 
 from mm_teamlora.data.templates import ConversationTemplate
 from mm_teamlora.eval.answers import extract_letter, letter_token_ids
-from mm_teamlora.model.tokenizer import tiny_tokenizer
+from mm_teamlora.tiny_tokenizer import tiny_tokenizer
 
 OPTIONS = {"A": "a red square", "B": "a blue circle", "C": "dark red", "D": "red"}
 

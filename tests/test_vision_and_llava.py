@@ -8,7 +8,7 @@ import torch
 
 from mm_teamlora.constants import IMAGE_PLACEHOLDER_ID
 from mm_teamlora.model import MultimodalConfig, MultimodalLM, VisionTowerConfig
-from mm_teamlora.model.tokenizer import tiny_tokenizer
+from mm_teamlora.tiny_tokenizer import tiny_tokenizer
 from mm_teamlora.model.vision import load_hf_vision_tower, load_open_clip_tower
 from mm_teamlora.model.zoo import tiny_language_model, tiny_vision_model
 from model_helpers import colour_image, make_batch

@@ -24,7 +24,7 @@ def load_tokenizer(spec: str):
     """`tiny` (the offline test tokenizer), a tokenizer folder, or a hub id already in the local
     cache (nothing is downloaded)."""
     if spec == "tiny":
-        from ..model.tokenizer import tiny_tokenizer
+        from ..tiny_tokenizer import tiny_tokenizer
 
         return tiny_tokenizer()
     from transformers import AutoTokenizer

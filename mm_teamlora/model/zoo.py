@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .tokenizer import tiny_tokenizer
+from ..tiny_tokenizer import tiny_tokenizer
 
 TINY_SEED = 0
 

@@ -1,7 +1,9 @@
-"""A small byte-level BPE tokenizer built offline, with a ChatML chat template (as SmolLM2 uses).
+"""The offline test tokenizer: a small byte-level BPE with a ChatML chat template (as SmolLM2 uses).
 
-For tests and examples: it round-trips any text exactly (byte-level), has the special tokens a
-chat model needs, and is built in milliseconds from a fixed corpus, so no hub download is needed.
+For tests, examples and the `tiny-random` model preset; no model is trained with it. It round-trips
+any text exactly (byte-level), has the special tokens a chat model needs, and is built in
+milliseconds from a fixed corpus, so no hub download is needed. It sits at the package root, below
+the model and data rooms, so both (and the tests) reach it without one importing the other.
 """
 
 from __future__ import annotations
