@@ -2,16 +2,21 @@
 
 A function's parameters become its options: a parameter without a default is positional, one with a
 default is `--name` (underscores become dashes), `bool` defaults become `--flag / --no-flag`, and the
-first line of the docstring is the help. Nothing imports this module.
+first line of the docstring is the help. The command functions are the commands: they call the
+library, print what the user sees and return the exit code (the library rooms log, never print).
+Nothing imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 import typing
 from typing import Callable
+
+from .constants import MC_INSTRUCTION
 
 
 def demo(steps: int = 150, out: str = "runs/adapter-demo", seed: int = 0, default_model: bool = True) -> None:
@@ -30,15 +35,93 @@ def demo(steps: int = 150, out: str = "runs/adapter-demo", seed: int = 0, defaul
             print(f"  Q: {question}\n  A: {answer(model, question, max_new_tokens=40)}")
 
 
-def data_check(config: str, out: str = "", tokenizer: str = "", image_token_count: int = 0, rebuild: bool = False,
-               full_decode: bool = False) -> int:
+def data_check(config: str, model: str = "", out: str = "", tokenizer: str = "", image_token_count: int = 0,
+               rebuild: bool = False, full_decode: bool = False) -> int:
     """Run a data mixture through the whole pipeline without training; print counts by source and reason.
 
+    --model PRESET_OR_FOLDER checks it as that model sees it (its tokenizer, image processor and
+    tokens per image). Without it: the tokenizer is --tokenizer or the YAML's `tokenizer` (`tiny`
+    or a folder), and images count --image-token-count tokens (or the YAML's `image_token_count`;
+    a mixture without images needs none). --out DIR writes DIR/data_report.json.
     Exits 1 when a record fails under `on_error: raise` (or the mixture is empty), 2 on a bad config."""
-    from .data.check import check_mixture
+    from .data import ConfigError, DataError, MixtureConfig, check_mixture, format_report
+    from .data.mixture import write_report
 
-    return check_mixture(config, out=out or None, tokenizer=tokenizer or None,
-                         image_token_count=image_token_count or None, rebuild=rebuild, full_decode=full_decode)
+    try:
+        mixture = MixtureConfig.from_yaml(config)
+        if full_decode:
+            mixture.images.full_decode = True
+        inputs = _data_inputs(mixture, config, model, tokenizer, image_token_count)
+        result = check_mixture(mixture, **inputs, rebuild=rebuild, report_dir=out or None)
+    except DataError as e:
+        print(f"data check failed (on_error: raise): {e}")
+        if out:
+            write_report({"config": os.path.abspath(config), "error": e.to_dict()}, out)
+        return 1
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"data check: {e}")
+        return 2
+    print(format_report(result.mixture.reports, title=f"mixture {mixture.name!r}"))
+    if result.batch is None:
+        print(f"data check failed: {result.summary}")
+        return 1
+    print(result.summary)
+    return 0
+
+
+def _data_inputs(mixture, config_path: str, model: str, tokenizer: str, image_token_count: int) -> dict:
+    """What `check_mixture` is handed: a model's `data_inputs()`, or a tokenizer and a token count."""
+    from .data import ConfigError
+
+    if model:
+        if tokenizer or image_token_count:
+            raise ConfigError("--model gives the tokenizer and the tokens per image; drop --tokenizer and "
+                              "--image-token-count")
+        from .model import load_model
+
+        return load_model(model).data_inputs()
+    spec = tokenizer or mixture.tokenizer
+    if not spec:
+        raise ConfigError(f"{config_path}: no tokenizer; pass --model PRESET_OR_FOLDER (or --tokenizer, or name "
+                          "one in the YAML: tokenizer: tiny | FOLDER)")
+    return {"tokenizer": load_tokenizer(spec), "image_token_count": image_token_count or None}
+
+
+def load_tokenizer(spec: str):
+    """`tiny` (the offline test tokenizer), a tokenizer folder, or a hub id already in the local
+    cache (nothing is downloaded)."""
+    from .data import ConfigError
+
+    if spec == "tiny":
+        from .tiny_tokenizer import tiny_tokenizer
+
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load tokenizer {spec!r} from a folder or the local cache: {e}") from None
+
+
+def data_demo(out: str = "runs/demo-data", seed: int = 0, train_size: int = 0, eval_size: int = 0,
+              wordnet_dir: str = "", eval_text_only: bool = True) -> int:
+    """Build demo data from installed assets: a LLaVA training mix, a disjoint MMBench eval TSV, demo.yaml.
+
+    Assets: `pip install easy-vqa scikit-learn scikit-image` and `apt-get install -y wordnet-base`.
+    --train-size/--eval-size 0: the defaults (3000 / 300). Exits 2 when an asset is missing or the
+    arguments or --out are unusable, 1 when the written eval set overlaps the training set."""
+    from .data.demo import AssetMissingError, DisjointnessError, build_demo_data, format_summary
+
+    try:
+        info = build_demo_data(out, seed=seed, train_size=train_size or None, eval_size=eval_size or None,
+                               wordnet_dir=wordnet_dir or None, eval_text_only=eval_text_only)
+    except DisjointnessError as e:  # a ValueError: caught first
+        return _fail(str(e), 1)
+    except (AssetMissingError, FileExistsError, ValueError) as e:
+        return _fail(str(e), 2)
+    print(format_summary(info))
+    return 0
 
 
 def chat(question: str, model: str = "smollm2-dinov2-small", image: list[str] | None = None, max_new_tokens: int = 128,
@@ -50,57 +133,114 @@ def chat(question: str, model: str = "smollm2-dinov2-small", image: list[str] | 
     try:
         print(answer(load_model(model), question, image or [], max_new_tokens=max_new_tokens, temperature=temperature))
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e), 2)
     return 0
 
 
-def data_demo(out: str = "runs/demo-data", seed: int = 0, train_size: int = 0, eval_size: int = 0,
-              wordnet_dir: str = "", eval_text_only: bool = True) -> int:
-    """Build demo data from installed assets: a LLaVA training mix, a disjoint MMBench eval TSV, demo.yaml.
-
-    Assets: `pip install easy-vqa scikit-learn scikit-image` and `apt-get install -y wordnet-base`.
-    --train-size/--eval-size 0: the defaults (3000 / 300). Exits 2 when an asset is missing,
-    1 when the written eval set overlaps the training set."""
-    from .data.demo import demo_data_command
-
-    return demo_data_command(out, seed=seed, train_size=train_size or None, eval_size=eval_size or None,
-                             wordnet_dir=wordnet_dir or None, eval_text_only=eval_text_only)
-
-
 def eval_(model: str = "", data: str = "", mode: str = "likelihood", circular: bool = False, out: str = "runs/eval",
-          batch_size: int = 8, template: str = "chat", max_new_tokens: int = 32,
-          instruction: str = "Answer with the option's letter from the given choices directly.", hint: bool = True,
-          shard: int = 0, num_shards: int = 1, on_error: str = "raise", restart: bool = False, device: str = "") -> int:
+          batch_size: int = 8, template: str = "chat", max_new_tokens: int = 32, instruction: str = MC_INSTRUCTION,
+          hint: bool = True, shard: int = 0, num_shards: int = 1, on_error: str = "raise", restart: bool = False,
+          device: str = "") -> int:
     """Evaluate a model on an MMBench TSV (likelihood or generate, optional CircularEval) and write the reports.
 
-    Writes predictions.tsv, predictions.jsonl (the resume log), report.json and report.md into --out. A rerun with
-    the same settings resumes; --shard K --num-shards N runs one shard (merge with eval-score); --num-shards 0 takes
-    them from RANK / WORLD_SIZE under torchrun or deepspeed."""
-    from .eval.commands import eval_command
+    Writes predictions.tsv (submission columns + prediction), predictions.jsonl (the resume log),
+    report.json and report.md into --out. A rerun with the same settings resumes; --shard K
+    --num-shards N runs one shard (merge the shards' files with eval-score); --num-shards 0 takes
+    them from RANK / WORLD_SIZE (and the GPU from LOCAL_RANK) under torchrun or deepspeed.
+    Exits 1 on a malformed row under --on-error raise, 2 on unusable arguments, files or models."""
+    from .data import DataError
+    from .eval import EvalConfig, PromptConfig, evaluate, summary_line
 
-    return eval_command(model=model, data=data, mode=mode, circular=circular, out=out, batch_size=batch_size,
-                        template=template, max_new_tokens=max_new_tokens, instruction=instruction, hint=hint,
-                        shard=shard, num_shards=num_shards, on_error=on_error, restart=restart, device=device)
+    if not model or not data:
+        return _fail("--model and --data are required", 2)
+    shard, num_shards = _shard_from_env(shard, num_shards)
+    try:
+        config = EvalConfig(mode=mode, circular=circular, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            prompt=PromptConfig(instruction=instruction, use_hint=hint, template=template),
+                            on_error=on_error, shard=shard, num_shards=num_shards).validate()
+        result = evaluate(_load_model(model, device), data, out, config, model_name=model, restart=restart)
+    except DataError as e:
+        return _fail(str(e), 1)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e), 2)
+    print(f"answered {result.rows_run} rows ({result.rows - result.rows_run} resumed); "
+          f"predictions: {result.predictions}")
+    if result.report is None:
+        print(f"shard {shard} of {num_shards} done; score all shards with: mm-teamlora eval-score "
+              f"--predictions <each shard's .tsv> --data {data} --out DIR")
+    else:
+        print(f"MMBench {mode}{' CircularEval' if circular else ''} {summary_line(result.report)}; reports in {out}")
+    return 0
 
 
 def eval_score(predictions: list[str] | None = None, data: str = "", out: str = "runs/eval-score",
                on_error: str = "raise") -> int:
-    """Score existing predictions (TSV or JSONL; repeat --predictions to merge shards) against an MMBench TSV, no model."""
-    from .eval.commands import eval_score_command
+    """Score existing predictions (TSV or JSONL; repeat --predictions to merge shards) against an MMBench TSV, no model.
 
-    return eval_score_command(predictions=predictions, data=data, out=out, on_error=on_error)
+    Letters are extracted again from each prediction. CircularEval is scored when the predictions
+    hold rotated rows (index >= 1e6). Exits 1 on a malformed row under --on-error raise, 2 on
+    unusable arguments or files."""
+    from .data import DataError
+    from .eval import rescore, summary_line
+
+    if not predictions or not data:
+        return _fail("--predictions and --data are required", 2)
+    try:
+        report = rescore(predictions, data, out, on_error=on_error)
+    except DataError as e:
+        return _fail(str(e), 1)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        return _fail(str(e), 2)
+    print(f"MMBench {'CircularEval ' if report['circular_eval'] else ''}{summary_line(report)}; reports in {out}")
+    return 0
 
 
 def inspect_routing(model: str = "", data: str = "", out: str = "runs/routing", template: str = "chat",
                     image_root: str = "", batch_size: int = 8, max_samples: int = 0, max_length: int = 0,
                     on_error: str = "raise", plots: bool = True, device: str = "") -> int:
-    """Record expert routing by token group and category (TSV or conversation JSON); write routing.json and heatmaps."""
-    from .eval.commands import inspect_routing_command
+    """Record expert routing by token group and category (TSV or conversation JSON); write routing.json and heatmaps.
 
-    return inspect_routing_command(model=model, data=data, out=out, template=template, image_root=image_root,
-                                   batch_size=batch_size, max_samples=max_samples, max_length=max_length,
-                                   on_error=on_error, plots=plots, device=device)
+    The model needs routed adapters (moelora, hydralora, teamlora). Separation per layer: JS
+    divergence of mean router distributions between groups, MI between expert and group.
+    Exits 1 on a bad record under --on-error raise, 2 on unusable arguments, files or models."""
+    from .data import DataError
+    from .eval import inspect_routing as record_and_analyse, routing_summary_line
+
+    if not model or not data:
+        return _fail("--model and --data are required", 2)
+    try:
+        result = record_and_analyse(_load_model(model, device), data, out, template=template,
+                                    image_root=image_root or None, batch_size=batch_size, on_error=on_error,
+                                    max_samples=max_samples, max_length=max_length, plots=plots, model_name=model,
+                                    progress=True)
+    except DataError as e:
+        return _fail(str(e), 1)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        return _fail(str(e), 2)
+    print(f"{routing_summary_line(result)}; routing.json and {len(result.get('plots', []))} plots in {out}")
+    return 0
+
+
+def _shard_from_env(shard: int, num_shards: int) -> tuple[int, int]:
+    """`--num-shards 0`: one shard per process of a torchrun / deepspeed launch (RANK, WORLD_SIZE)."""
+    if num_shards != 0:
+        return shard, num_shards
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _load_model(spec: str, device: str = ""):
+    """A model folder or preset, on `device` (default: this process's GPU, LOCAL_RANK, when there is one)."""
+    import torch
+
+    from .model import load_model
+
+    local = os.environ.get("LOCAL_RANK", "0")
+    return load_model(spec).to(device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu"))
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 # a command is a typed function, or a group of them (`mm-teamlora data check ...`)

@@ -112,7 +112,7 @@ def test_build_dataset_takes_the_models_image_token_count(tmp_path):
     config = MixtureConfig.from_yaml(FIXTURE_MIX)
     config.image_token_count = None  # the mixture leaves it to the model
     dataset = build_dataset(config, tokenizer(), ResizeToTensor(8), image_token_count=4,
-                            cache_dir=str(tmp_path), log=None)
+                            cache_dir=str(tmp_path))
     assert dataset.mixture.config.image_token_count == 4 and config.image_token_count is None  # not changed
     index = list(dataset.image_counts).index(2)
     assert dataset.lengths[index] == len(dataset[index]["input_ids"]) + 2 * (4 - 1)
@@ -120,67 +120,35 @@ def test_build_dataset_takes_the_models_image_token_count(tmp_path):
 
 def test_a_mixture_that_disagrees_with_the_model_fails_clearly(tmp_path):
     with pytest.raises(ConfigError, match="says image_token_count: 16 but the model gives 4"):
-        build_dataset(FIXTURE_MIX, tokenizer(), ResizeToTensor(8), image_token_count=4, cache_dir=str(tmp_path),
-                      log=None)
+        build_dataset(FIXTURE_MIX, tokenizer(), ResizeToTensor(8), image_token_count=4, cache_dir=str(tmp_path))
     config = MixtureConfig.from_yaml(FIXTURE_MIX)
     config.image_token_count = None
     with pytest.raises(ConfigError, match="has images .* image_token_count is unknown"):
-        build_dataset(config, tokenizer(), ResizeToTensor(8), cache_dir=str(tmp_path), log=None)
+        build_dataset(config, tokenizer(), ResizeToTensor(8), cache_dir=str(tmp_path))
 
 
 # check_mixture ------------------------------------------------------------------------------------
+# (the `data check` command's output and exit codes: test_cli.py)
 
-def test_check_fixture_mixture(tmp_path, capsys):
-    assert check_mixture(FIXTURE_MIX, out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache")) == 0
-    out = capsys.readouterr().out
-    assert "mixture 'fixtures': per-source counts" in out and "first batch" in out
+def test_check_builds_the_mixture_and_collates_a_first_batch(tmp_path):
+    config = MixtureConfig.from_yaml(FIXTURE_MIX)
+    result = check_mixture(config, tokenizer(), ResizeToTensor(8), cache_dir=str(tmp_path / "cache"),
+                           report_dir=str(tmp_path / "run"))
+    assert len(result.dataset) == 12 and result.batch["input_ids"].shape[0] == 4
+    assert result.summary.startswith("first batch: input_ids (4, ") and "12 samples" in result.summary
     report = json.load(open(tmp_path / "run" / "data_report.json"))
     assert {s["name"]: (s["records"], s["kept"], s["sampled"]) for s in report["sources"]} == \
         {"llava": (4, 4, 8), "alpaca": (3, 3, 3), "messages": (2, 2, 1)}
-    assert check_mixture(FIXTURE_MIX, cache_dir=str(tmp_path / "cache")) == 0
-    assert "hit" in capsys.readouterr().out
+    again = check_mixture(config, tokenizer(), cache_dir=str(tmp_path / "cache"))
+    assert all(r.cache_hit for r in again.mixture.reports)
+    with pytest.raises(ConfigError, match="says image_token_count: 16 but the model gives 4"):
+        check_mixture(config, tokenizer(), image_token_count=4, cache_dir=str(tmp_path / "cache"))
 
 
-def _bad_mix(tmp_path, on_error):
+def test_check_raises_on_a_bad_record_under_raise(tmp_path):
     make_image(tmp_path / "ok.png")
-    write_json(tmp_path / "d.json", [llava("fine", image="ok.png"), llava("broken", image="missing.png"),
-                                     llava("also-fine")])
-    (tmp_path / "mix.yaml").write_text(f"tokenizer: tiny\non_error: {on_error}\nimage_token_count: 16\n"
-                                       "sources:\n  - path: d.json\n    image_root: .\n")
-    return str(tmp_path / "mix.yaml")
-
-
-def test_check_fails_under_raise(tmp_path, capsys):
-    code = check_mixture(_bad_mix(tmp_path, "raise"), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
-    out = capsys.readouterr().out
-    assert code == 1
-    assert "d.json: record 1, id 'broken': image_missing" in out and "missing.png" in out
-    assert json.load(open(tmp_path / "run" / "data_report.json"))["error"]["reason"] == "image_missing"
-
-
-def test_check_counts_under_skip(tmp_path, capsys):
-    code = check_mixture(_bad_mix(tmp_path, "skip"), out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
-    out = capsys.readouterr().out
-    assert code == 0 and "skipped  d: image_missing: 1 (first: record 1, id 'broken')" in out
-    report = json.load(open(tmp_path / "run" / "data_report.json"))
-    assert report["sources"][0]["skipped"] == {"image_missing": 1} and report["total"] == 2
-
-
-def test_check_config_errors(tmp_path, capsys):
-    (tmp_path / "mix.yaml").write_text("sources: [{path: d.json}]\n")
-    assert check_mixture(str(tmp_path / "mix.yaml")) == 2
-    assert "no tokenizer" in capsys.readouterr().out
-    (tmp_path / "mix.yaml").write_text("tokenizer: tiny\nsources: [{path: d.json, weight: 0}]\n")
-    assert check_mixture(str(tmp_path / "mix.yaml")) == 2
-    assert "weight must be positive" in capsys.readouterr().out
-    (tmp_path / "mix.yaml").write_text("tokenizer: tiny\nsources: [{path: d.json}]\n")
-    assert check_mixture(str(tmp_path / "mix.yaml"), tokenizer=tokenizer(), cache_dir=str(tmp_path)) == 1
-    assert "file_missing" in capsys.readouterr().out
-
-
-def test_check_fails_on_an_empty_mixture(tmp_path, capsys):
-    write_json(tmp_path / "d.json", [["not", "a", "record"]])
-    (tmp_path / "mix.yaml").write_text("tokenizer: tiny\non_error: skip\nsources: [{path: d.json}]\n")
-    assert check_mixture(str(tmp_path / "mix.yaml"), cache_dir=str(tmp_path / "cache")) == 1
-    out = capsys.readouterr().out
-    assert "skipped  d: not_an_object: 1 (first: record 0)" in out and "the mixture is empty" in out
+    path = write_json(tmp_path / "d.json", [llava("fine", image="ok.png"), llava("broken", image="missing.png")])
+    config = MixtureConfig.from_dict({"image_token_count": 16, "sources": [{"path": path, "image_root": "."}]},
+                                     base_dir=str(tmp_path))
+    with pytest.raises(DataError, match="id 'broken': image_missing"):
+        check_mixture(config, tokenizer(), cache_dir=str(tmp_path / "cache"))

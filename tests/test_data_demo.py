@@ -18,8 +18,8 @@ from fixtures.data.helpers import REPO, tokenizer
 from mm_teamlora.data import (DataCollator, GroupedBatchSampler, InstructionDataset, MixtureConfig, ResizeToTensor,
                               build_mixture)
 from mm_teamlora.data.demo import (L2_CATEGORIES, AssetMissingError, DemoAssets, DisjointnessError, Photo,
-                                   ShapeImage, build_demo_data, check_disjoint, demo_data_command,
-                                   find_wordnet_dir, load_nouns, mixture_yaml, read_mmbench_tsv)
+                                   ShapeImage, build_demo_data, check_disjoint, find_wordnet_dir, load_nouns, mixture_yaml, read_mmbench_tsv)
+from mm_teamlora.cli import main
 from mm_teamlora.data.demo.build import CHECKED_IN_HEADER, Item, assign_letters
 from mm_teamlora.data.demo.disjoint import MMBENCH_COLUMNS, write_mmbench_tsv
 
@@ -152,7 +152,7 @@ def test_missing_wordnet_names_the_apt_command(tmp_path, monkeypatch):
     monkeypatch.setenv("WNSEARCHDIR", write_wordnet(tmp_path / "env"))
     assert find_wordnet_dir() == str(tmp_path / "env")
     # the command fails cleanly (exit 2) before loading any other asset
-    assert demo_data_command(out=str(tmp_path / "o"), wordnet_dir=str(tmp_path / "empty")) == 2
+    assert main(["data", "demo", "--out", str(tmp_path / "o"), "--wordnet-dir", str(tmp_path / "empty")]) == 2
 
 
 # ------------------------------------------------------------------------------------------------

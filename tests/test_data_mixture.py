@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import time
 
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from fixtures.data.helpers import REPO, build, config, llava, rows, write_json
-from mm_teamlora.data import ConfigError, ConversationTemplate, MixtureConfig
+from mm_teamlora.data import ConfigError, ConversationTemplate, MixtureConfig, format_report
 from mm_teamlora.data import prepare as prepare_module
 
 
@@ -65,12 +66,14 @@ def test_order_is_seeded_and_deterministic(tmp_path):
     assert unshuffled[:12] == [f"a-{i}" for i in range(12)]
 
 
-def test_counts_are_printed_before_and_after_sampling(tmp_path, capsys):
+def test_counts_are_logged_before_and_after_sampling(tmp_path, caplog):
     sources = _sources(tmp_path, {"a": 5, "b": 2})
     sources[0]["repeat"] = 0.4
     write_json(tmp_path / "b.json", [llava("b-0"), llava("b-0"), ["bad"]])
-    build(config(sources, on_error="skip"), log=print, report_dir=str(tmp_path / "run"))
-    out = capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="mm_teamlora.data.mixture"):
+        mixture = build(config(sources, on_error="skip"), report_dir=str(tmp_path / "run"))
+    out = format_report(mixture.reports, title="mixture 'mixture'")
+    assert out in caplog.text
     assert "source" in out and "read" in out and "kept" in out and "sampled" in out
     line_a = next(line for line in out.splitlines() if line.strip().startswith("a "))
     assert line_a.split()[1:5] == ["5", "0", "5", "2"]

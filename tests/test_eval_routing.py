@@ -9,7 +9,7 @@ import torch
 
 from fixtures.eval.helpers import SMALL_TSV, routed_tiny_model
 from mm_teamlora.data.errors import DataError
-from mm_teamlora.eval import commands
+from mm_teamlora import cli
 from mm_teamlora.eval.routing import inspect_routing, mutual_information_bits, separation
 
 LLAVA_JSON = os.path.join(os.path.dirname(__file__), "fixtures", "data", "llava_small.json")
@@ -98,7 +98,7 @@ def test_separation_maths_on_known_tables():
 
 
 def test_routing_needs_a_routed_adapter_and_the_command_reports_it(tmp_path, capsys):
-    code = commands.inspect_routing_command(model="tiny-random", data=SMALL_TSV, out=str(tmp_path), device="cpu")
+    code = cli.inspect_routing(model="tiny-random", data=SMALL_TSV, out=str(tmp_path), device="cpu")
     assert code == 2 and "routed adapter" in capsys.readouterr().err
 
 

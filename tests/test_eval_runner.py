@@ -1,7 +1,6 @@
 """Running the tiny model over MMBench files: likelihood and generate modes, batching, picture
-reuse, resume, shards, and the command functions."""
+reuse, resume, shards, and the `eval` / `eval-score` commands."""
 
-import argparse
 import csv
 import json
 
@@ -10,7 +9,8 @@ import torch
 
 from fixtures.eval.helpers import MALFORMED_TSV, SMALL_TSV
 from mm_teamlora.data.templates import ConversationTemplate
-from mm_teamlora.eval import commands, runner
+from mm_teamlora.cli import _shard_from_env, main
+from mm_teamlora.eval import runner
 from mm_teamlora.eval.answers import letter_token_ids
 from mm_teamlora.eval.mmbench import encode_question, read_mmbench
 from mm_teamlora.eval.runner import EvalConfig, evaluate, rescore
@@ -117,31 +117,22 @@ def test_generate_mode_extracts_letters_and_counts_unparsed(model, tmp_path, mon
     assert rescore([fake.predictions], SMALL_TSV, str(tmp_path / "re"))["overall"] == fake.report["overall"]
 
 
-def parse(fn, argv):
-    parser = argparse.ArgumentParser()
-    from mm_teamlora.cli import _add_command
-
-    _add_command(parser.add_subparsers(), "cmd", fn)
-    args = vars(parser.parse_args(["cmd", *argv]))
-    return args.pop("_command")(**args)
-
-
-def test_command_functions_parse_as_cli_subcommands_and_return_exit_codes(tmp_path, capsys):
+def test_eval_commands_return_exit_codes(tmp_path, capsys):
     out = tmp_path / "eval"
-    code = parse(commands.eval_command, ["--model", "tiny-random", "--data", SMALL_TSV, "--mode", "likelihood",
-                                         "--circular", "--out", str(out), "--device", "cpu"])
+    code = main(["eval", "--model", "tiny-random", "--data", SMALL_TSV, "--mode", "likelihood",
+                 "--circular", "--out", str(out), "--device", "cpu"])
     assert code == 0 and {"predictions.tsv", "report.json", "report.md"} <= {p.name for p in out.iterdir()}
     assert "circular" in capsys.readouterr().out
-    code = parse(commands.eval_score_command, ["--predictions", str(out / "predictions.tsv"), "--data", SMALL_TSV,
-                                               "--out", str(tmp_path / "score")])
+    code = main(["eval-score", "--predictions", str(out / "predictions.tsv"), "--data", SMALL_TSV,
+                 "--out", str(tmp_path / "score")])
     assert code == 0
     assert json.loads((tmp_path / "score" / "report.json").read_text())["overall"] == \
         json.loads((out / "report.json").read_text())["overall"]
-    assert parse(commands.eval_command, ["--data", SMALL_TSV]) == 2  # no model
-    assert parse(commands.eval_command, ["--model", "tiny-random", "--data", MALFORMED_TSV,
-                                         "--out", str(tmp_path / "bad")]) == 1
-    assert parse(commands.eval_command, ["--model", "tiny-random", "--data", SMALL_TSV, "--mode", "guess",
-                                         "--out", str(tmp_path / "x")]) == 2
+    assert main(["eval", "--data", SMALL_TSV]) == 2  # no model
+    assert main(["eval", "--model", "tiny-random", "--data", MALFORMED_TSV,
+                 "--out", str(tmp_path / "bad")]) == 1
+    assert main(["eval", "--model", "tiny-random", "--data", SMALL_TSV, "--mode", "guess",
+                 "--out", str(tmp_path / "x")]) == 2
     assert "answer_not_an_option" in capsys.readouterr().err
 
 
@@ -175,4 +166,4 @@ def test_a_log_cut_inside_its_first_line_starts_afresh_and_shards_can_come_from_
     assert evaluate(model, SMALL_TSV, str(tmp_path), EvalConfig(), progress=False).rows_run == 5
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    assert commands._shard_from_env(0, 0) == (1, 3) and commands._shard_from_env(2, 4) == (2, 4)
+    assert _shard_from_env(0, 0) == (1, 3) and _shard_from_env(2, 4) == (2, 4)

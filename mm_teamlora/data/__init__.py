@@ -15,7 +15,7 @@ Nothing is dropped silently: every skipped record is counted by reason (`errors.
 under `on_error: raise` the first problem stops with file, record index, line, id and reason.
 """
 
-from .check import check_mixture, load_tokenizer
+from .check import CheckResult, check_mixture
 from .collate import DataCollator
 from .config import MixtureConfig, SourceConfig
 from .dataset import InstructionDataset, build_dataset
@@ -29,7 +29,7 @@ from .sources import Conversation, parse_record, read_records
 from .templates import TEMPLATES, ConversationTemplate, Piece, truncate_tail
 
 __all__ = [
-    "check_mixture", "load_tokenizer", "DataCollator", "MixtureConfig", "SourceConfig", "InstructionDataset",
+    "CheckResult", "check_mixture", "DataCollator", "MixtureConfig", "SourceConfig", "InstructionDataset",
     "build_dataset", "NOTES", "REASONS", "ConfigError", "DataError", "SourceReport", "ImageCheckConfig",
     "ResizeToTensor", "check_image", "load_image", "to_rgb", "Mixture", "build_mixture", "format_report",
     "PreparedSource", "prepare_source", "Conversation", "parse_record", "read_records", "TEMPLATES",

@@ -1,19 +1,19 @@
 """A mixture: prepared sources, how many records each contributes, and one seeded order.
 
 `build_mixture` prepares every source (cached), draws each source's share (see `config.py` for
-weights and repeats), prints the per-source counts before and after sampling with the skip
-reasons, and writes them to `<report_dir>/data_report.json` when a run folder is given. The order
-is a pure function of the config (seed included), so two runs see the same records in the same
-order.
+weights and repeats), logs the per-source counts before and after sampling with the skip reasons
+(`format_report`; logger `mm_teamlora.data.mixture`, level INFO), and writes them to
+`<report_dir>/data_report.json` when a run folder is given. The order is a pure function of the
+config (seed included), so two runs see the same records in the same order.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -22,6 +22,8 @@ from .config import MixtureConfig
 from .errors import NOTES, ConfigError, SourceReport
 from .prepare import PreparedSource, prepare_source
 from .templates import ConversationTemplate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,13 +78,12 @@ def draw(available: int, count: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def build_mixture(config: MixtureConfig, tokenizer, cache_dir: str | None = None, use_cache: bool = True,
-                  rebuild: bool = False, report_dir: str | None = None,
-                  log: Callable[[str], None] | None = print) -> Mixture:
+                  rebuild: bool = False, report_dir: str | None = None) -> Mixture:
     """Prepare, sample and order a mixture. `cache_dir` defaults to the config's, then to
     `files.cache_root("data")` (under $MM_TEAMLORA_CACHE) (`use_cache=False`: no cache);
-    `rebuild` ignores existing entries; `log=None` silences the count report (it is still
-    returned in the reports and written to `report_dir`). Raises `DataError` under
-    `on_error: raise`, `ConfigError` for unusable configs."""
+    `rebuild` ignores existing entries. The counts are logged, kept in `Mixture.reports` and
+    written to `report_dir` when given. Raises `DataError` under `on_error: raise`, `ConfigError`
+    for unusable configs."""
     config.validate()
     if use_cache:
         cache_dir = cache_dir or config.cache_dir or cache_root("data")
@@ -100,8 +101,7 @@ def build_mixture(config: MixtureConfig, tokenizer, cache_dir: str | None = None
     if config.shuffle:
         order = order[np.random.default_rng([config.seed, len(sources)]).permutation(len(order))]
     mixture = Mixture(config, sources, order)
-    if log is not None:
-        log(format_report(mixture.reports, title=f"mixture {config.name!r}"))
+    logger.info("%s", format_report(mixture.reports, title=f"mixture {config.name!r}"))
     if report_dir is not None:
         write_report(mixture.report_dict(), report_dir)
     return mixture

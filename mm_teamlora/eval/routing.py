@@ -36,6 +36,7 @@ import torch
 from ..adapters import record_routing
 from ..adapters.routing import js_divergence
 from ..constants import GROUP_IMAGE, GROUP_NAMES, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE, IMAGE_PLACEHOLDER_ID
+from ..files import atomic_write_text
 from ..data.errors import DataError, ErrorPolicy, RecordProblem, SourceReport
 from ..data.images import ImageCheckConfig, check_image, load_image, resolve_image_path
 from ..data.sources import detect_format, parse_record, read_records
@@ -258,14 +259,21 @@ def analyse(totals: RoutingTotals) -> dict:
     return out
 
 
+def routing_summary_line(result: dict) -> str:
+    """Samples, tokens by group and the mean separation over layers, in one line."""
+    sep = result["separation"]
+    js = sep["mean_headline_js_bits"]
+    return (f"{result['samples']} samples, {result['tokens']['total']} tokens {result['tokens']['by_group']}; "
+            f"mean over {len(result['layers'])} layers: JS {sep['headline']} "
+            f"{'-' if js is None else f'{js:.4f}'} bits, MI soft {sep['mean_mi_soft_bits']:.4f} bits")
+
+
 def inspect_routing(model, data: str, out_dir: str, template: str = "chat", image_root: str | None = None,
                     batch_size: int = 8, on_error: str = "raise", max_samples: int = 0, max_length: int = 0,
                     plots: bool = True, model_name: str = "", progress: bool = False) -> dict:
     """Record routing on an MMBench TSV or a conversation JSON/JSONL file; write routing.json and
     (with `plots`) PNG heatmaps into `out_dir`. Returns the routing.json content."""
     import json
-
-    from .scoring import write_text
 
     chat = ConversationTemplate(template, model.tokenizer)
     if data.endswith(".tsv"):
@@ -285,6 +293,6 @@ def inspect_routing(model, data: str, out_dir: str, template: str = "chat", imag
         from .plots import plot_routing
 
         result["plots"] = [os.path.basename(p) for p in plot_routing(result, out_dir)]
-    write_text(os.path.join(out_dir, "routing.json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(os.path.join(out_dir, "routing.json"), json.dumps(result, indent=1) + "\n")
     return result
 

@@ -19,7 +19,7 @@ import json
 import os
 from collections import defaultdict
 
-from ..files import atomic_write
+from ..files import atomic_write, atomic_write_text
 from .answers import extract_letter
 from .mmbench import LETTERS, MMBenchQuestion
 
@@ -134,8 +134,18 @@ def write_predictions_tsv(path: str, asked: list[MMBenchQuestion], raw: dict[int
     return path
 
 
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+def percent(value: float | None, unit: str = "") -> str:
+    """An accuracy in [0, 1] as a percentage with one decimal (`-` when there is none)."""
+    return "-" if value is None else f"{100 * value:.1f}{unit}"
+
+
+def summary_line(report: dict) -> str:
+    """The overall result in one line: accuracy and chance (vanilla, circular), unparsed, missing."""
+    o = report["overall"]
+    text = f"n={o['n']}: vanilla {percent(o['vanilla'], '%')} (chance {percent(o['chance'], '%')})"
+    if o["circular"] is not None:
+        text += f", circular {percent(o['circular'], '%')} (chance {percent(o['chance_circular'], '%')})"
+    return text + f"; unparsed {report['unparsed']}, missing {report['missing']}"
 
 
 def format_markdown(report: dict, title: str = "MMBench evaluation") -> str:
@@ -153,8 +163,8 @@ def format_markdown(report: dict, title: str = "MMBench evaluation") -> str:
             continue
         lines += [f"## {name.replace('_', ' ')}", "", head.format("group"), "| --- " * 6 + "|"]
         for key, b in rows.items():
-            lines.append(f"| {key or '(none)'} | {b['n']} | {_pct(b['vanilla'])} | {_pct(b['chance'])} | "
-                         f"{_pct(b['circular'])} | {_pct(b['chance_circular'])} |")
+            lines.append(f"| {key or '(none)'} | {b['n']} | {percent(b['vanilla'])} | {percent(b['chance'])} | "
+                         f"{percent(b['circular'])} | {percent(b['chance_circular'])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -163,16 +173,6 @@ def write_report(out_dir: str, report: dict, title: str = "MMBench evaluation") 
     """report.json and report.md in `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     json_path, md_path = os.path.join(out_dir, "report.json"), os.path.join(out_dir, "report.md")
-    write_text(json_path, json.dumps(report, indent=1) + "\n")
-    write_text(md_path, format_markdown(report, title) + "\n")
+    atomic_write_text(json_path, json.dumps(report, indent=1) + "\n")
+    atomic_write_text(md_path, format_markdown(report, title) + "\n")
     return json_path, md_path
-
-
-def write_text(path: str, text: str) -> str:
-    """Write a whole file, then rename it into place."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, write)
-    return path

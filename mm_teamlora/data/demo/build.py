@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import shutil
 import time
@@ -53,6 +54,7 @@ from .disjoint import LETTERS, check_disjoint, check_letters_balanced, file_hash
 from .items import (L2_CATEGORIES, Item, assign_letters, digit_items, even_split, largest_remainder, noun_items,
                     photo_items, item_prompt, shape_items)
 
+logger = logging.getLogger(__name__)
 SOURCES = ("shapes", "digits", "photos", "wordnet")
 SHARES = {"shapes": 0.30, "digits": 0.25, "photos": 0.20, "wordnet": 0.25}  # of train and of eval
 MC_CATEGORIES = {"shapes": ("color", "shape", "corners"), "digits": ("digit", "digit_arithmetic"),
@@ -119,7 +121,7 @@ def _prepare_out(out: str) -> None:
 def build_demo_data(out: str = DEFAULT_OUT, seed: int = 0, train_size: int | None = None,
                     eval_size: int | None = None, sources: tuple[str, ...] | list[str] = SOURCES,
                     wordnet_dir: str | None = None, eval_text_only: bool = True,
-                    assets: DemoAssets | None = None, verbose: bool = False) -> dict:
+                    assets: DemoAssets | None = None) -> dict:
     """Build the demo training mix and evaluation set under `out` (see the module doc); returns the
     counts and paths (also written to `out/demo_info.json`).
 
@@ -300,8 +302,7 @@ def build_demo_data(out: str = DEFAULT_OUT, seed: int = 0, train_size: int | Non
     }
     with open(os.path.join(out, "demo_info.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)
-    if verbose:
-        print(format_summary(info))
+    logger.info("%s", format_summary(info))
     return info
 
 
