@@ -51,6 +51,16 @@ REASONS = {
     # length policy
     "too_long": "longer than max_length under truncation: skip",
     "no_supervised_tokens": "no assistant token left after tail truncation",
+    # MMBench TSV rows (eval.mmbench), under the same error policy
+    "missing_column": "a TSV without an `index` or a `question` column (always an error)",
+    "bad_index": "an index that is not a non-negative integer",
+    "duplicate_index": "an index already used by an earlier row (the first is kept)",
+    "missing_question": "an empty question",
+    "too_few_options": "fewer than two options",
+    "option_gap": "an empty option cell before a filled one (letters must run A, B, C, ...)",
+    "answer_not_an_option": "an answer that is not the letter of one of the row's options",
+    "image_not_decodable": "an image cell that is not base64 of an image PIL can open",
+    "image_reference_missing": "an image cell naming a row index the file does not hold (or a loop)",
 }
 # kept records that were changed, counted beside the skips
 NOTES = {

@@ -3,16 +3,17 @@
 
 from .answers import extract_letter, letter_token_ids
 from .chat import answer
-from .mmbench import (LETTERS, ROTATION_STRIDE, MMBenchData, MMBenchQuestion, PromptConfig, encode_question,
-                      prompt_text, read_mmbench)
+from .mmbench import (ROTATION_STRIDE, MMBenchData, MMBenchQuestion, PromptConfig, encode_question, prompt_text,
+                      read_mmbench)
 from .routing import (analyse, inspect_routing, mutual_information_bits, record_samples, routing_summary_line,
                       separation)
 from .runner import EvalConfig, EvalResult, ImageFeatureCache, evaluate, rescore
 from .scoring import format_markdown, percent, read_predictions, score, summary_line
 
 __all__ = [
-    "answer", "extract_letter", "letter_token_ids", "LETTERS", "ROTATION_STRIDE", "MMBenchData", "MMBenchQuestion",
+    "answer", "extract_letter", "letter_token_ids", "ROTATION_STRIDE", "MMBenchData", "MMBenchQuestion",
     "PromptConfig", "encode_question", "prompt_text", "read_mmbench", "analyse", "inspect_routing",
-    "mutual_information_bits", "record_samples", "routing_summary_line", "separation", "EvalConfig", "EvalResult", "ImageFeatureCache",
-    "evaluate", "rescore", "format_markdown", "percent", "read_predictions", "score", "summary_line",
+    "mutual_information_bits", "record_samples", "routing_summary_line", "separation", "EvalConfig", "EvalResult",
+    "ImageFeatureCache", "evaluate", "rescore", "format_markdown", "percent", "read_predictions", "score",
+    "summary_line",
 ]

@@ -6,9 +6,9 @@ Layout (the official one, as VLMEvalKit writes it): `index`, `question`, `hint`,
 integer naming another row's `index` whose picture it reuses. `source`, `comment` and unknown
 columns are ignored. An empty `image` cell makes a text-only question.
 
-Malformed rows (`REASONS`) go through the training data's error policy (`data.errors`): under
-`raise` the first one stops with a `DataError` naming file, row, line, index and reason; under
-`skip` it is counted by reason in `MMBenchData.report`. A file without `index` or `question`
+Malformed rows (the MMBench section of `data.errors.REASONS`) go through the training data's error
+policy: under `raise` the first one stops with a `DataError` naming file, row, line, index and
+reason; under `skip` it is counted by reason in `MMBenchData.report`. A file without `index` or `question`
 columns is always an error.
 
 CircularEval: question `i` asked with its options rotated `k` places is row `i + k * 1e6`
@@ -21,32 +21,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import csv
 import io
 import re
-import sys
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from PIL import Image, UnidentifiedImageError
 
-from ..constants import IMAGE_PLACEHOLDER
-from ..data.errors import DataError, ErrorPolicy, SourceReport
+from ..constants import IMAGE_PLACEHOLDER, MC_INSTRUCTION, OPTION_LETTERS
+from ..data.errors import DataError, ErrorPolicy, RecordProblem, SourceReport
 from ..data.images import to_rgb
+from ..data.tsv import read_tsv
 
-LETTERS = "ABCDEFGHI"
 ROTATION_STRIDE = 1_000_000
-DEFAULT_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-REASONS = {
-    "bad_index": "an index that is not a non-negative integer",
-    "duplicate_index": "an index already used by an earlier row (the first is kept)",
-    "missing_question": "an empty question",
-    "too_few_options": "fewer than two options",
-    "option_gap": "an empty option cell before a filled one (letters must run A, B, C, ...)",
-    "answer_not_an_option": "an answer that is not the letter of one of the row's options",
-    "image_not_decodable": "an image cell that is not base64 of an image PIL can open",
-    "image_reference_missing": "an image cell naming a row index the file does not hold (or a loop)",
-}
 _MISSING = {"", "nan", "none", "null"}  # what pandas writes for an empty cell, and friends
 _REFERENCE = re.compile(r"^\d{1,18}$")
 
@@ -83,13 +70,13 @@ class MMBenchQuestion:
 
     @property
     def letters(self) -> str:
-        return LETTERS[:len(self.options)]
+        return OPTION_LETTERS[:len(self.options)]
 
     def rotated(self, k: int) -> "MMBenchQuestion":
         """Options moved `k` places (original option `(j + k) mod n` under letter `j`), index + k*1e6."""
         n = len(self.options)
         options = tuple(self.options[(j + k) % n] for j in range(n))
-        answer = None if self.answer is None else LETTERS[(LETTERS.index(self.answer) - k) % n]
+        answer = None if self.answer is None else OPTION_LETTERS[(OPTION_LETTERS.index(self.answer) - k) % n]
         return replace(self, index=self.index + k * ROTATION_STRIDE, options=options, answer=answer)
 
 
@@ -161,100 +148,115 @@ def read_mmbench(path: str, on_error: str = "raise", check_images: bool = True) 
     distinct picture once; without it, undecodable pictures fail when first used."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # base64 pictures are long cells
-    report = SourceReport(name="mmbench", path=path)
+    columns, rows = read_tsv(path)
+    for needed in ("index", "question"):
+        if needed not in columns:
+            raise DataError(path, "missing_column", f"no {needed!r} column; columns: {', '.join(columns)}")
+    report = SourceReport(name="mmbench", path=path, records=len(rows))
     policy = ErrorPolicy(on_error, report)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        columns = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = columns
-        for needed in ("index", "question"):
-            if needed not in columns:
-                raise DataError(path, "missing_column", f"no {needed!r} column; columns: {', '.join(columns)}")
-        raw = []
-        for row in reader:
-            raw.append((len(raw), reader.line_num, row))
-    report.records = len(raw)
+    pictures = _Pictures(rows, check_images)
+    questions, images, seen = [], {}, set()
+    for row_no, (line, row) in enumerate(rows):
+        try:
+            index = _row_index(row, seen)
+            question = _question(row, index, row_no, pictures)
+        except RecordProblem as problem:
+            policy.fail(DataError(path, problem.reason, problem.detail, index=row_no, line=line,
+                                  record_id=_cell(row, "index")))
+            continue
+        if question.image_key is not None:
+            images[question.image_key] = pictures.cells[question.image_key]
+        questions.append(question)
+    report.kept = len(questions)
+    return MMBenchData(path, questions, images, report, columns)
 
-    first_image: dict[int, str | None] = {}  # index -> image cell of the first row holding it
-    for _, _, row in raw:
-        index = _parse_index(_cell(row, "index"))
-        if index is not None and index not in first_image:
-            first_image[index] = _cell(row, "image")
 
-    decoded: dict[int, str | None] = {}  # image key -> None if fine, else the problem
+def _row_index(row: dict, seen: set[int]) -> int:
+    """The row's index, claimed in `seen` (a later row with the same index is a duplicate, even
+    when this row fails a later check)."""
+    index = _parse_index(_cell(row, "index"))
+    if index is None:
+        raise RecordProblem("bad_index", f"index {row.get('index')!r}")
+    if index in seen:
+        raise RecordProblem("duplicate_index", f"index {index} appears again")
+    seen.add(index)
+    return index
 
-    def resolve(index: int) -> tuple[int | None, str | None]:
-        """(image key, problem) for the picture of row `index`, following references."""
+
+def _question(row: dict, index: int, row_no: int, pictures: "_Pictures") -> MMBenchQuestion:
+    """The checked question of one row; raises `RecordProblem`."""
+    question = _cell(row, "question")
+    if question is None:
+        raise RecordProblem("missing_question", "empty question cell")
+    options = _options(row)
+    answer = _cell(row, "answer")
+    if answer is not None:
+        answer = answer.upper()
+        if answer not in OPTION_LETTERS[:len(options)]:
+            raise RecordProblem("answer_not_an_option", f"answer {answer!r}, options {OPTION_LETTERS[:len(options)]}")
+    return MMBenchQuestion(
+        index=index, question=question, options=options, answer=answer, hint=_cell(row, "hint"),
+        category=_cell(row, "category") or "", l2_category=_cell(row, "l2-category") or "",
+        split=_cell(row, "split") or "", image_key=pictures.key(index), row=row_no)
+
+
+def _options(row: dict) -> tuple[str, ...]:
+    """The filled option cells A, B, ... up to the last filled one; a gap or fewer than two is a problem."""
+    cells = [_cell(row, letter) for letter in OPTION_LETTERS]
+    count = max((i + 1 for i, c in enumerate(cells) if c is not None), default=0)
+    if None in cells[:count]:
+        raise RecordProblem("option_gap", f"option {OPTION_LETTERS[cells.index(None)]} is empty but "
+                                          f"{OPTION_LETTERS[count - 1]} is not")
+    if count < 2:
+        raise RecordProblem("too_few_options", f"{count} option(s)")
+    return tuple(cells[:count])
+
+
+class _Pictures:
+    """Where each row's picture is: its own base64 cell, or a cell naming the index of the row whose
+    picture it reuses (followed through chains). With `check`, every distinct picture is decoded once."""
+
+    def __init__(self, rows: list[tuple[int, dict]], check: bool):
+        self.cells: dict[int, str | None] = {}  # index -> image cell of the first row holding it
+        for _, row in rows:
+            index = _parse_index(_cell(row, "index"))
+            if index is not None and index not in self.cells:
+                self.cells[index] = _cell(row, "image")
+        self.check = check
+        self.problems: dict[int, str | None] = {}  # image key -> None when it decodes, else why not
+
+    def key(self, index: int) -> int | None:
+        """The image key (index of the row holding the base64) of row `index`; None without a
+        picture. Raises `RecordProblem` for a broken reference or an undecodable picture."""
         key, seen = index, set()
         while True:
-            cell = first_image.get(key)
+            cell = self.cells.get(key)
             if cell is None:
-                return (None, None) if key == index else (None, f"row index {key} has no image")
-            if not (len(cell) <= 18 and _REFERENCE.match(cell)):
+                if key == index:
+                    return None
+                raise RecordProblem("image_reference_missing", f"row index {key} has no image")
+            if not _REFERENCE.match(cell):
                 break
             seen.add(key)
             key = int(cell)
             if key in seen:
-                return None, f"image references loop back to index {key}"
-            if key not in first_image:
-                return None, f"image names index {key}, which no row holds"
-        if check_images and key not in decoded:
-            try:
-                _decode_image(cell)
-                decoded[key] = None
-            except ValueError as e:
-                decoded[key] = str(e)
-        return key, None
+                raise RecordProblem("image_reference_missing", f"image references loop back to index {key}")
+            if key not in self.cells:
+                raise RecordProblem("image_reference_missing", f"image names index {key}, which no row holds")
+        if self.check:
+            if key not in self.problems:
+                self.problems[key] = _decode_problem(cell)
+            if self.problems[key] is not None:
+                raise RecordProblem("image_not_decodable", f"image of index {key}: {self.problems[key]}")
+        return key
 
-    questions, images, seen_index = [], {}, set()
-    for row_no, line, row in raw:
-        text_index = _cell(row, "index")
-        index = _parse_index(text_index)
 
-        def fail(reason: str, detail: str) -> None:
-            policy.fail(DataError(path, reason, detail, index=row_no, line=line, record_id=text_index))
-
-        if index is None:
-            fail("bad_index", f"index {row.get('index')!r}")
-            continue
-        if index in seen_index:
-            fail("duplicate_index", f"index {index} appears again")
-            continue
-        seen_index.add(index)
-        question = _cell(row, "question")
-        if question is None:
-            fail("missing_question", "empty question cell")
-            continue
-        cells = [_cell(row, letter) for letter in LETTERS]
-        count = max((i + 1 for i, c in enumerate(cells) if c is not None), default=0)
-        if None in cells[:count]:
-            fail("option_gap", f"option {LETTERS[cells.index(None)]} is empty but {LETTERS[count - 1]} is not")
-            continue
-        if count < 2:
-            fail("too_few_options", f"{count} option(s)")
-            continue
-        answer = _cell(row, "answer")
-        if answer is not None:
-            answer = answer.upper()
-            if answer not in LETTERS[:count]:
-                fail("answer_not_an_option", f"answer {answer!r}, options {LETTERS[:count]}")
-                continue
-        key, problem = resolve(index)
-        if problem is not None:
-            fail("image_reference_missing", problem)
-            continue
-        if key is not None and decoded.get(key) is not None:
-            fail("image_not_decodable", f"image of index {key}: {decoded[key]}")
-            continue
-        if key is not None:
-            images[key] = first_image[key]
-        questions.append(MMBenchQuestion(
-            index=index, question=question, options=tuple(cells[:count]), answer=answer, hint=_cell(row, "hint"),
-            category=_cell(row, "category") or "", l2_category=_cell(row, "l2-category") or "",
-            split=_cell(row, "split") or "", image_key=key, row=row_no))
-    report.kept = len(questions)
-    return MMBenchData(path, questions, images, report, columns)
+def _decode_problem(cell: str) -> str | None:
+    try:
+        _decode_image(cell)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 @dataclass
@@ -262,7 +264,7 @@ class PromptConfig:
     """How a question becomes a user turn. The default is LLaVA-1.5's MMBench prompt:
     `<image>\\n{hint}\\n{question}\\nA. {A}\\nB. {B}...\\n{instruction}`."""
 
-    instruction: str = DEFAULT_INSTRUCTION
+    instruction: str = MC_INSTRUCTION
     use_hint: bool = True
     image_first: bool = True  # `<image>` before the text (LLaVA) or after it
     template: str = "chat"  # data.templates: chat | vicuna_v1 | plain

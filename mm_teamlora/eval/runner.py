@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..constants import IMAGE_PLACEHOLDER_ID
+from ..constants import IMAGE_PLACEHOLDER_ID, OPTION_LETTERS
 from ..data.templates import ConversationTemplate, sequence_length
 from .answers import extract_letter, letter_token_ids
-from .mmbench import LETTERS, ROTATION_STRIDE, MMBenchData, MMBenchQuestion, PromptConfig, encode_question, read_mmbench
+from .mmbench import ROTATION_STRIDE, MMBenchData, MMBenchQuestion, PromptConfig, encode_question, read_mmbench
 from .scoring import letters_from_text, read_predictions, score, write_predictions_tsv, write_report
 
 MODES = ("likelihood", "generate")
@@ -206,7 +206,7 @@ def evaluate(model, data: MMBenchData | str, out_dir: str, config: EvalConfig | 
     todo = [q for q in asked if q.index not in done]
 
     template = ConversationTemplate(config.prompt.template, model.tokenizer, config.prompt.system_prompt)
-    letter_ids = letter_token_ids(template, LETTERS) if config.mode == "likelihood" else None
+    letter_ids = letter_token_ids(template, OPTION_LETTERS) if config.mode == "likelihood" else None
     cache = ImageFeatureCache(model, data, config.image_cache_size)
     batches = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     if progress and batches:
@@ -243,7 +243,7 @@ def _answer_batch(model, batch: list[MMBenchQuestion], template, config: EvalCon
     keys = [q.image_key for q in batch if q.image_key is not None]
     features = cache.features(keys) if keys else None
     if config.mode == "likelihood":
-        logp = score_letters(model, prompts, features, [letter_ids[c] for c in LETTERS])
+        logp = score_letters(model, prompts, features, [letter_ids[c] for c in OPTION_LETTERS])
         records = []
         for q, row in zip(batch, logp):
             scores = {c: float(row[i]) for i, c in enumerate(q.letters)}

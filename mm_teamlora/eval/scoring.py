@@ -19,9 +19,10 @@ import json
 import os
 from collections import defaultdict
 
+from ..constants import OPTION_LETTERS
 from ..files import atomic_write, atomic_write_text
 from .answers import extract_letter
-from .mmbench import LETTERS, MMBenchQuestion
+from .mmbench import MMBenchQuestion
 
 BUCKETS = (("by_split", "split"), ("by_l2_category", "l2_category"), ("by_category", "category"))
 
@@ -114,7 +115,7 @@ def write_predictions_tsv(path: str, asked: list[MMBenchQuestion], raw: dict[int
     """MMBench submission columns (index, question, hint, A.., answer, category, l2-category,
     split) plus `prediction`: the letter when one was extracted, else the model's raw text."""
     width = max((len(q.options) for q in asked), default=4)
-    header = ["index", "question", "hint", *LETTERS[:width], *(["answer"] if with_answer else []),
+    header = ["index", "question", "hint", *OPTION_LETTERS[:width], *(["answer"] if with_answer else []),
               "category", "l2-category", "split", "prediction"]
 
     def write(tmp: str) -> None:

@@ -21,21 +21,20 @@ import io
 import json
 import os
 import re
-import sys
 from collections import Counter
 
 import numpy as np
 from PIL import Image
 
-from ...constants import IMAGE_PLACEHOLDER
+from ...constants import IMAGE_PLACEHOLDER, MC_INSTRUCTION, OPTION_LETTERS
 from ..images import to_rgb
+from ..tsv import read_tsv
 
-LETTERS = "ABCD"
-MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
+OPTIONS_PER_QUESTION = 4
+LETTERS = OPTION_LETTERS[:OPTIONS_PER_QUESTION]
+SHORT_INSTRUCTION = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
 INSTRUCTIONS = (MC_INSTRUCTION, SHORT_INSTRUCTION)
-MMBENCH_COLUMNS = ("index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "split",
-                   "image")
+MMBENCH_COLUMNS = ("index", "question", "hint", *LETTERS, "answer", "category", "l2-category", "split", "image")
 
 
 class DisjointnessError(ValueError):
@@ -83,9 +82,7 @@ def quoted_terms(text: str) -> set[str]:
 
 def read_mmbench_tsv(path: str) -> list[dict]:
     """The rows of an MMBench-style TSV as dicts of strings (csv quoting, as pandas writes it)."""
-    csv.field_size_limit(sys.maxsize)
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
+    return [row for _, row in read_tsv(path)[1]]
 
 
 def write_mmbench_tsv(path: str, rows: list[dict]) -> None:

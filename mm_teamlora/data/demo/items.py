@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from ...constants import MC_INSTRUCTION
 from .assets import COLORS, CORNERS, SHAPES, ShapeImage
-from .disjoint import LETTERS, MC_INSTRUCTION, SHORT_INSTRUCTION
+from .disjoint import LETTERS, SHORT_INSTRUCTION
 from .wordnet import Noun
 
 L2_CATEGORIES = {"color": "perception", "shape": "perception", "corners": "reasoning", "digit": "perception",
