@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..constants import IGNORE_INDEX
+from ..padding import SIDES, pad, pad_ids, pad_token_id, padded_length
 
 
 class DataCollator:
@@ -25,7 +26,7 @@ class DataCollator:
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None, padding_side: str = "right"):
         if pad_token_id is None or pad_token_id < 0:
             raise ValueError(f"pad_token_id must be a token id, got {pad_token_id!r}")
-        if padding_side not in ("right", "left"):
+        if padding_side not in SIDES:
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         self.pad_token_id, self.pad_to_multiple_of, self.padding_side = pad_token_id, pad_to_multiple_of, padding_side
 
@@ -33,23 +34,13 @@ class DataCollator:
     def from_tokenizer(cls, tokenizer, pad_to_multiple_of: int | None = None,
                        padding_side: str = "right") -> "DataCollator":
         """Pads with the tokenizer's pad token, or its EOS when it has none (positions are masked)."""
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return cls(pad, pad_to_multiple_of, padding_side)
+        return cls(pad_token_id(tokenizer), pad_to_multiple_of, padding_side)
 
     def __call__(self, items: list[dict]) -> dict:
-        length = max(len(item["input_ids"]) for item in items)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = len(items)
-        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((batch, length), dtype=torch.long)
-        for i, item in enumerate(items):
-            n = len(item["input_ids"])
-            span = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
-            input_ids[i, span] = torch.as_tensor(item["input_ids"])
-            labels[i, span] = torch.as_tensor(item["labels"])
-            attention_mask[i, span] = 1
+        length = padded_length([len(item["input_ids"]) for item in items], self.pad_to_multiple_of)
+        side = self.padding_side
+        input_ids, attention_mask = pad_ids([item["input_ids"] for item in items], self.pad_token_id, side, length)
+        labels = pad([item["labels"] for item in items], IGNORE_INDEX, side, length, dtype=torch.long)
         images = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
         counts = [0 if item.get("pixel_values") is None else len(item["pixel_values"]) for item in items]
         for item, count in zip(items, counts):

@@ -36,11 +36,12 @@ import torch
 from ..adapters import record_routing
 from ..adapters.routing import js_divergence
 from ..constants import GROUP_IMAGE, GROUP_NAMES, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE, IMAGE_PLACEHOLDER_ID
-from ..files import atomic_write_text
 from ..data.errors import DataError, ErrorPolicy, RecordProblem, SourceReport
 from ..data.images import ImageCheckConfig, check_image, load_image, resolve_image_path
 from ..data.sources import detect_format, parse_record, read_records
 from ..data.templates import ConversationTemplate, truncate_tail
+from ..files import atomic_write_text
+from ..padding import pad_ids, pad_token_id
 from .mmbench import MMBenchData, PromptConfig, encode_question, read_mmbench
 
 FORMAT = "mm_teamlora.routing/1"
@@ -154,8 +155,6 @@ def _expected_tokens(samples: list[RoutingSample], image_tokens: int, groups: in
 @torch.no_grad()
 def record_samples(model, samples: list[RoutingSample], batch_size: int = 8, progress: bool = False) -> RoutingTotals:
     """Run every sample through the model (batched within each category) under `record_routing`."""
-    from .runner import _pad_id, _pad_right
-
     totals = RoutingTotals()
     device = next(model.parameters()).device
     by_category: dict[str, list[RoutingSample]] = defaultdict(list)
@@ -171,7 +170,7 @@ def record_samples(model, samples: list[RoutingSample], batch_size: int = 8, pro
     model.eval()
     try:
         for category, batch in batches:
-            ids, mask = _pad_right([s.input_ids for s in batch], _pad_id(model.tokenizer), device)
+            ids, mask = pad_ids([s.input_ids for s in batch], pad_token_id(model.tokenizer, default=0), device=device)
             images = [image for s in batch for image in s.load_images()]
             pixels = torch.stack([model.vision_tower.preprocess(i) for i in images]).to(device) if images else None
             counts = torch.tensor([s.num_images for s in batch], device=device)

@@ -35,6 +35,7 @@ import torch
 
 from ..constants import IMAGE_PLACEHOLDER_ID, OPTION_LETTERS
 from ..data.templates import ConversationTemplate, sequence_length
+from ..padding import pad_ids, pad_token_id
 from .answers import extract_letter, letter_token_ids
 from .mmbench import ROTATION_STRIDE, MMBenchData, MMBenchQuestion, PromptConfig, encode_question, read_mmbench
 from .scoring import letters_from_text, read_predictions, score, write_predictions_tsv, write_report
@@ -100,28 +101,12 @@ class ImageFeatureCache:
         return out
 
 
-def _pad_right(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(map(len, prompts))
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), length, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p)
-        mask[i, :len(p)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _pad_id(tokenizer) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if value is not None:
-            return value
-
-
 @torch.no_grad()
 def score_letters(model, prompts: list[list[int]], features: torch.Tensor | None,
                   letter_ids: list[int]) -> torch.Tensor:
     """(rows, letters) log-probabilities of each letter's token at the first answer position."""
     device = next(model.parameters()).device
-    ids, mask = _pad_right(prompts, _pad_id(model.tokenizer), device)
+    ids, mask = pad_ids(prompts, pad_token_id(model.tokenizer, default=0), device=device)
     counts = (ids == IMAGE_PLACEHOLDER_ID).logical_and(mask.bool()).sum(1)
     last = torch.tensor([sequence_length(p, model.image_token_count) - 1 for p in prompts], device=device)
     rows = torch.arange(len(prompts), device=device)
@@ -138,7 +123,7 @@ def score_letters(model, prompts: list[list[int]], features: torch.Tensor | None
 def generate_texts(model, prompts: list[list[int]], features: torch.Tensor | None, max_new_tokens: int) -> list[str]:
     """Greedy answers (new text only, special tokens dropped)."""
     device = next(model.parameters()).device
-    ids, mask = _pad_right(prompts, _pad_id(model.tokenizer), device)
+    ids, mask = pad_ids(prompts, pad_token_id(model.tokenizer, default=0), device=device)
     counts = (ids == IMAGE_PLACEHOLDER_ID).logical_and(mask.bool()).sum(1)
     new = model.generate(ids, mask, image_counts=counts, image_features=features, max_new_tokens=max_new_tokens,
                          do_sample=False)

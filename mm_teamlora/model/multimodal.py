@@ -27,6 +27,7 @@ from ..constants import (GROUP_IMAGE, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE, IG
                          NUM_TOKEN_GROUPS)
 from ..adapters.state import cpu_tensors
 from ..files import atomic_write, atomic_write_text
+from ..padding import pad, padding_mask
 from .builder import build_parts
 from .config import CONFIG_FILE, MODEL_PRESETS, PROJECTOR_FILE, MultimodalConfig
 from .vision import VisionTower
@@ -207,19 +208,12 @@ class MultimodalLM(nn.Module):
 
 
 def _pad_rows(rows, padding_side: str, with_labels: bool) -> dict:
-    length = max(e.shape[0] for e, _, _ in rows)
-    batch, hidden = len(rows), rows[0][0].shape[-1]
-    device, dtype = rows[0][0].device, rows[0][0].dtype
-    embeds = torch.zeros(batch, length, hidden, device=device, dtype=dtype)
-    mask = torch.zeros(batch, length, dtype=torch.long, device=device)
-    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=device)
-    groups = torch.full((batch, length), GROUP_TEXT_ONLY, dtype=torch.long, device=device)
-    for b, (e, lab, g) in enumerate(rows):
-        n = e.shape[0]
-        span = slice(length - n, length) if padding_side == "left" else slice(0, n)
-        embeds[b, span], mask[b, span], labels[b, span], groups[b, span] = e, 1, lab, g
-    return {"inputs_embeds": embeds, "attention_mask": mask, "labels": labels if with_labels else None,
-            "token_groups": groups}
+    """Spliced (embeddings, labels, token groups) rows as one padded batch (`padding.pad`)."""
+    embeds, labels, groups = zip(*rows)
+    mask = padding_mask([e.shape[0] for e in embeds], side=padding_side, device=embeds[0].device)
+    return {"inputs_embeds": pad(embeds, 0, padding_side), "attention_mask": mask,
+            "labels": pad(labels, IGNORE_INDEX, padding_side) if with_labels else None,
+            "token_groups": pad(groups, GROUP_TEXT_ONLY, padding_side)}
 
 
 def load_model(spec: str) -> MultimodalLM:
