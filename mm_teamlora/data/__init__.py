@@ -25,13 +25,13 @@ from .images import ImageCheckConfig, ResizeToTensor, check_image, load_image, t
 from .mixture import Mixture, build_mixture, format_report
 from .prepare import PreparedSource, prepare_source
 from .sampler import GroupedBatchSampler
-from .sources import Conversation, parse_record, read_records
+from .sources import Conversation, parse_record, read_records, reported_id
 from .templates import TEMPLATES, ConversationTemplate, Piece, truncate_tail
 
 __all__ = [
     "CheckResult", "check_mixture", "DataCollator", "MixtureConfig", "SourceConfig", "InstructionDataset",
     "build_dataset", "NOTES", "REASONS", "ConfigError", "DataError", "SourceReport", "ImageCheckConfig",
     "ResizeToTensor", "check_image", "load_image", "to_rgb", "Mixture", "build_mixture", "format_report",
-    "PreparedSource", "prepare_source", "Conversation", "parse_record", "read_records", "TEMPLATES",
+    "PreparedSource", "prepare_source", "Conversation", "parse_record", "read_records", "reported_id", "TEMPLATES",
     "ConversationTemplate", "Piece", "truncate_tail", "GroupedBatchSampler", "build_demo_data",
 ]

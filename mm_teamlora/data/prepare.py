@@ -7,8 +7,10 @@ the first, `skip` counts it by reason); the length policy is the user's choice, 
 counted but never raised.
 
 The cache entry is a folder `<cache_dir>/<source name>-<key>/` holding `data.arrow` (loaded with
-`datasets.Dataset.from_file`, memory-mapped: a second run starts at once) and `report.json`. The
-key hashes everything the result depends on: the file (absolute path, size, modification time),
+`datasets.Dataset.from_file`, memory-mapped: a second run starts at once) and `report.json`,
+written whole by `files.atomic_folder` (an entry is complete or absent; of two processes building
+the same entry, the first to finish wins). Without a cache the source is built in a temporary
+folder and held in memory. The key hashes everything the result depends on: the file (absolute path, size, modification time),
 format, image root, template, system prompt, tokenizer fingerprint, max length, image token count,
 truncation, error policy, image check limits and `CACHE_VERSION`. Image files are not part of the
 key: after changing images in place, pass `rebuild=True`.
@@ -29,15 +31,17 @@ import datasets
 import pyarrow as pa
 
 from ..constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
+from ..files import atomic_folder, is_complete
 from .config import MixtureConfig, SourceConfig
 from .errors import ConfigError, DataError, ErrorPolicy, RecordProblem, SourceReport
 from .images import check_images, resolve_image_path
-from .sources import detect_format, parse_record, read_records
+from .sources import detect_format, parse_record, read_records, reported_id
 from .templates import ConversationTemplate, sequence_length, tokenizer_fingerprint, truncate_tail
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 1  # bump when a change here changes what is written
 BATCH = 512
+DATA_FILE, REPORT_FILE = "data.arrow", "report.json"
 FEATURES = datasets.Features({
     "id": datasets.Value("string"),
     "input_ids": datasets.List(datasets.Value("int32")),
@@ -77,44 +81,35 @@ def prepare_source(source: SourceConfig, mixture: MixtureConfig, tokenizer,
     if not os.path.isfile(source.path):
         raise DataError(source.path, "file_missing" if not os.path.exists(source.path) else "not_a_file",
                         f"source {source.name!r}")
-    folder = None
-    if cache_dir is not None:
+    template = template or ConversationTemplate(mixture.template, tokenizer, mixture.system_prompt)
+    start = time.perf_counter()
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory(prefix=f"mm_teamlora-{source.name}-") as work:
+            report = _build(source, mixture, template, os.path.join(work, DATA_FILE))
+            data = datasets.Dataset.from_file(os.path.join(work, DATA_FILE), in_memory=True)
+    else:
         folder = os.path.join(cache_dir, f"{source.name}-{cache_key(source, mixture, tokenizer)}")
         if rebuild:
             shutil.rmtree(folder, ignore_errors=True)
-        if os.path.isfile(os.path.join(folder, "report.json")):
-            with open(os.path.join(folder, "report.json"), encoding="utf-8") as f:
-                report = SourceReport.from_dict(json.load(f))
-            report.cache_hit = True
+        if is_complete(folder):
             logger.info("source %s: cache hit %s", source.name, folder)
-            return PreparedSource(source, datasets.Dataset.from_file(os.path.join(folder, "data.arrow")), report)
-    template = template or ConversationTemplate(mixture.template, tokenizer, mixture.system_prompt)
-    start = time.perf_counter()
-    if cache_dir is not None:
-        os.makedirs(cache_dir, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=f".{source.name}-", dir=cache_dir)
-    os.chmod(work, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-    try:
-        report = _build(source, mixture, template, os.path.join(work, "data.arrow"))
-        with open(os.path.join(work, "report.json"), "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=1)
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-            try:
-                os.replace(work, folder)  # atomic: a cache entry is complete or absent
-                work = folder
-            except OSError:  # another process wrote the same entry meanwhile: use theirs
-                if not os.path.isfile(os.path.join(folder, "report.json")):
-                    raise
-                shutil.rmtree(work, ignore_errors=True)
-                work = folder
-        data = datasets.Dataset.from_file(os.path.join(work, "data.arrow"), in_memory=folder is None)
-    finally:
-        if work != folder:
-            shutil.rmtree(work, ignore_errors=True)
+            return PreparedSource(source, datasets.Dataset.from_file(os.path.join(folder, DATA_FILE)),
+                                  _read_report(folder))
+        with atomic_folder(folder) as work:
+            report = _build(source, mixture, template, os.path.join(work, DATA_FILE))
+            with open(os.path.join(work, REPORT_FILE), "w", encoding="utf-8") as f:
+                json.dump(report.to_dict(), f, indent=1)
+        data = datasets.Dataset.from_file(os.path.join(folder, DATA_FILE))
     logger.info("source %s: %d of %d records in %.1fs", source.name, report.kept, report.records,
                 time.perf_counter() - start)
     return PreparedSource(source, data, report)
+
+
+def _read_report(folder: str) -> SourceReport:
+    with open(os.path.join(folder, REPORT_FILE), encoding="utf-8") as f:
+        report = SourceReport.from_dict(json.load(f))
+    report.cache_hit = True
+    return report
 
 
 def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationTemplate, out_path: str) -> SourceReport:
@@ -132,8 +127,7 @@ def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationT
         if raw.problem is not None:
             fail(raw, raw.problem)
             continue
-        rid = raw.value.get("id") if isinstance(raw.value, dict) else None
-        rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+        rid = reported_id(raw.value)
         if fmt is None and isinstance(raw.value, dict):
             fmt = detect_format(raw.value)
         try:

@@ -136,6 +136,17 @@ def record_id(record: dict) -> str | None:
     return str(rid)
 
 
+def reported_id(record: object) -> str | None:
+    """The id to name a record by in reports, also when the record is bad: its `record_id`, or
+    None when it is not an object or has no usable id."""
+    if not isinstance(record, dict):
+        return None
+    try:
+        return record_id(record)
+    except RecordProblem:
+        return None
+
+
 def parse_record(record: object, fmt: str, index: int) -> Conversation:
     """Turn one raw record into a checked `Conversation`, or raise `RecordProblem`."""
     if not isinstance(record, dict):

@@ -26,6 +26,7 @@ No token or expert count is assumed: both come from the data and from each layer
 from __future__ import annotations
 
 import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -36,10 +37,9 @@ import torch
 from ..adapters import record_routing
 from ..adapters.routing import js_divergence
 from ..constants import GROUP_IMAGE, GROUP_NAMES, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE, IMAGE_PLACEHOLDER_ID
-from ..data.errors import DataError, ErrorPolicy, RecordProblem, SourceReport
-from ..data.images import ImageCheckConfig, check_image, load_image, resolve_image_path
-from ..data.sources import detect_format, parse_record, read_records
-from ..data.templates import ConversationTemplate, truncate_tail
+from ..data import (MixtureConfig, SourceConfig, SourceReport, load_image, prepare_source, read_records,
+                    reported_id)
+from ..data.templates import ConversationTemplate
 from ..files import atomic_write_text
 from ..padding import pad_ids, pad_token_id
 from .mmbench import MMBenchData, PromptConfig, encode_question, read_mmbench
@@ -74,41 +74,36 @@ def samples_from_mmbench(data: MMBenchData, template: ConversationTemplate,
 def samples_from_conversations(path: str, template: ConversationTemplate, image_root: str | None = None,
                                on_error: str = "raise", max_length: int = 0, image_token_count: int = 1,
                                max_samples: int = 0) -> tuple[list[RoutingSample], SourceReport]:
-    """LLaVA / messages / Alpaca JSON or JSONL records as the data room reads them, encoded whole
-    (questions and answers) with `template`. Images are relative to `image_root` (default: the
-    file's folder). Category: the record's `category` field, else `all`. `max_length` > 0 cuts
-    samples at the tail (images counted as `image_token_count` tokens). Every image is checked
-    (`data.images.check_image`) before any sample runs; bad records follow `on_error`."""
-    root = image_root or os.path.dirname(os.path.abspath(path))
-    report = SourceReport(name=os.path.basename(path), path=path)
-    policy, checks = ErrorPolicy(on_error, report), ImageCheckConfig()
-    samples = []
-    for raw in read_records(path, max_samples or None):
-        report.records += 1
-        try:
-            if raw.problem is not None:
-                raise raw.problem
-            fmt = detect_format(raw.value) if isinstance(raw.value, dict) else "llava"
-            conv = parse_record(raw.value, fmt or "llava", raw.index)
-            paths = [resolve_image_path(root, p) for p in conv.images]
-            for p in paths:
-                check_image(p, checks)
-            encoded = template.encode([conv.messages])[0]
-            if isinstance(encoded, RecordProblem):
-                raise encoded
-        except RecordProblem as problem:
-            rid = raw.value.get("id") if isinstance(raw.value, dict) else None
-            policy.fail(DataError(path, problem.reason, problem.detail, raw.index, raw.line,
-                                  None if rid is None else str(rid)))
-            continue
-        ids = encoded[0]
-        if max_length > 0:
-            ids, _ = truncate_tail(ids, encoded[1], max_length, image_token_count)
-        kept = paths[:sum(1 for t in ids if t == IMAGE_PLACEHOLDER_ID)]
-        category = raw.value.get("category") if isinstance(raw.value.get("category"), str) else "all"
-        samples.append(RoutingSample(ids, category, partial(lambda ps: [load_image(p) for p in ps], kept)))
-    report.kept = len(samples)
-    return samples, report
+    """LLaVA / messages / Alpaca JSON or JSONL records through the data pipeline as training reads
+    them (`data.prepare_source`, no cache): checked, images checked, encoded whole (questions and
+    answers) with `template`. Images are relative to `image_root` (default: the file's folder).
+    `max_length` > 0 cuts samples at the tail as training does (images counted as
+    `image_token_count` tokens; a sample left with no answer token is dropped and counted). Bad
+    records follow `on_error`. Category: the record's `category` field, else `all`."""
+    source = SourceConfig(path=path, image_root=image_root or os.path.dirname(os.path.abspath(path)),
+                          max_samples=max_samples or None)
+    config = MixtureConfig(sources=[source], name="routing", template=template.name,
+                           max_length=max_length or sys.maxsize, image_token_count=image_token_count,
+                           on_error=on_error, system_prompt=template.system_prompt).validate()
+    prepared = prepare_source(source, config, template.tokenizer, template)
+    categories = _categories(path, max_samples or None)
+    samples = [RoutingSample(row["input_ids"], categories.get(row["id"], "all"), partial(_load_images, row["images"]))
+               for row in prepared.data]
+    return samples, prepared.report
+
+
+def _categories(path: str, max_records: int | None) -> dict[str, str]:
+    """Record id (as the data pipeline names records) -> the record's `category` field, where it has one."""
+    out = {}
+    for raw in read_records(path, max_records):
+        category = raw.value.get("category") if isinstance(raw.value, dict) else None
+        if isinstance(category, str):
+            out.setdefault(reported_id(raw.value) or f"#{raw.index}", category)
+    return out
+
+
+def _load_images(paths: list[str]) -> list:
+    return [load_image(p) for p in paths]
 
 
 class RoutingTotals:
