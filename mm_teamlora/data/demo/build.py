@@ -27,9 +27,9 @@ Categories (eval `category` -> `l2-category`; training MC records use the same):
 | wordnet | definition | knowledge | What is the meaning of the word "X"? (text-only) |
 | wordnet | hypernym | knowledge | Which word names a broader category that "X" belongs to? (text-only) |
 
-Disjointness is by construction (easy-VQA's train vs test split, a seeded digit split, whole photos
-split, WordNet lemmas split; evaluation distractors come from the evaluation side) and is then
-checked on the written files (`disjoint.check_disjoint`); a violation raises. Answer letters are
+Disjointness is by construction (`splits`: easy-VQA's train vs test split, a seeded digit split,
+whole photos split, WordNet lemmas split; evaluation distractors come from the evaluation side) and
+is then checked on the written files (`disjoint.check_disjoint`); a violation raises. Answer letters are
 assigned round-robin over each split's multiple-choice items, so every category's and every
 split's letter counts differ by at most one (checked too). Everything is seeded by `seed`.
 """
@@ -48,23 +48,18 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
+from ...constants import IMAGE_PLACEHOLDER
 from ..config import MixtureConfig
-from .assets import DemoAssets, digit_to_rgb, load_assets
-from .disjoint import LETTERS, check_disjoint, check_letters_balanced, file_hash, pixel_hash, write_mmbench_tsv
-from .items import (L2_CATEGORIES, Item, assign_letters, digit_items, even_split, largest_remainder, noun_items,
-                    photo_items, item_prompt, shape_items)
+from .assets import DemoAssets, load_assets
+from .disjoint import LETTERS, check_disjoint, check_letters_balanced, write_mmbench_tsv
+from .items import L2_CATEGORIES, Item, assign_letters, item_prompt, largest_remainder
+from .splits import SOURCES, SPLITS, Plan
 
 logger = logging.getLogger(__name__)
-SOURCES = ("shapes", "digits", "photos", "wordnet")
 SHARES = {"shapes": 0.30, "digits": 0.25, "photos": 0.20, "wordnet": 0.25}  # of train and of eval
-MC_CATEGORIES = {"shapes": ("color", "shape", "corners"), "digits": ("digit", "digit_arithmetic"),
-                 "photos": ("photo",), "wordnet": ("definition", "hypernym")}
 DEFAULT_TRAIN_SIZE = 3000
 DEFAULT_EVAL_SIZE = 300
 DEFAULT_OUT = "runs/demo-data"
-DIGIT_SIZE = 64
-DIGIT_EVAL_FRACTION = 0.2
-MIN_PHOTOS_PER_SPLIT = 4  # four distinct captions make a multiple-choice question
 
 
 def _png_bytes(image: str | np.ndarray) -> bytes:
@@ -76,18 +71,14 @@ def _png_bytes(image: str | np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _hash(image: str | np.ndarray) -> str:
-    return file_hash(image) if isinstance(image, str) else pixel_hash(image)
-
-
 def mixture_yaml(train_json: str, image_root: str, eval_tsv: str, header: str = "") -> str:
     """The demo mixture config as YAML text; paths are written as given (relative to the YAML)."""
     return f"""{header}# The demo training mix (LLaVA JSON, images under image_root) written by `mm-teamlora data demo`.
 # Evaluation set (MMBench TSV, disjoint from training by image and by question): {eval_tsv}
-# Check it without training:  mm-teamlora data check <this file>
+# Tokenizer, image processor and tokens per image come from the model that trains on it; check it
+# without training as that model sees it:  mm-teamlora data check <this file> --model smollm2-dinov2-small
 name: demo
 template: chat               # the tokenizer's own chat template
-tokenizer: tiny              # for `data check` only; training passes the model's tokenizer
 max_length: 512              # counted with the model's tokens per image
 seed: 0
 on_error: raise
@@ -104,6 +95,7 @@ images:
 
 CHECKED_IN_HEADER = """# Checked-in copy pointing at the default output folder (paths relative to data_configs/):
 #   mm-teamlora data demo --out runs/demo-data     (run from the repository root first)
+#   mm-teamlora data check data_configs/demo.yaml --model smollm2-dinov2-small
 # The builder also writes a demo.yaml next to its output, for any --out.
 """
 
@@ -131,7 +123,33 @@ def build_demo_data(out: str = DEFAULT_OUT, seed: int = 0, train_size: int | Non
     `AssetMissingError` with its install command. Raises `DisjointnessError` when the written
     evaluation set shares an image or a text question with the training set."""
     start = time.time()
-    sources = tuple(sources)
+    plan = _plan(seed, tuple(sources), train_size, eval_size, eval_text_only)
+    if assets is None:
+        assets = load_assets(tuple(plan.n_train), wordnet_dir)
+    loaded = time.time()
+    train_items, eval_items = _items(assets, plan)
+    _prepare_out(out)
+    train_json, images = _write_train(out, train_items)
+    eval_tsv = _write_eval(out, eval_items)
+    disjoint = check_disjoint(train_json, eval_tsv, out)
+    letters = _check_letters(train_items, eval_items)
+    config_path = os.path.join(out, "demo.yaml")
+    with open(config_path, "w", encoding="utf-8") as f:
+        f.write(mixture_yaml("train.json", ".", "eval.tsv"))
+    MixtureConfig.from_yaml(config_path)  # the data pipeline accepts it
+    info = {"out": os.path.abspath(out), "train": train_json, "eval": eval_tsv, "config": config_path, "seed": seed,
+            **_counts(train_items, eval_items, images), "answer_letters": letters, "disjointness": disjoint,
+            "assets": dict(assets.versions),
+            "seconds": {"load_assets": round(loaded - start, 2), "total": round(time.time() - start, 2)}}
+    with open(os.path.join(out, "demo_info.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+    logger.info("%s", format_summary(info))
+    return info
+
+
+def _plan(seed: int, sources: tuple[str, ...], train_size: int | None, eval_size: int | None,
+          eval_text_only: bool) -> Plan:
+    """Checked arguments -> items per source: the sizes split by `SHARES` (renormalised)."""
     unknown = sorted(set(sources) - set(SOURCES))
     if unknown or not sources:
         raise ValueError(f"sources must be a non-empty subset of {SOURCES}, got {sources}")
@@ -139,108 +157,33 @@ def build_demo_data(out: str = DEFAULT_OUT, seed: int = 0, train_size: int | Non
     eval_size = DEFAULT_EVAL_SIZE if eval_size is None else eval_size
     if train_size < 1 or eval_size < 1:
         raise ValueError("train_size and eval_size must be positive")
-    if assets is None:
-        assets = load_assets(sources, wordnet_dir)
-    loaded = time.time()
-
     shares = {s: SHARES[s] for s in SOURCES if s in sources}
-    n_train = largest_remainder(train_size, shares)
     eval_shares = {s: w for s, w in shares.items() if eval_text_only or s != "wordnet"}
     if not eval_shares:
         raise ValueError("eval_text_only=False with sources=('wordnet',) leaves no evaluation questions")
-    n_eval = largest_remainder(eval_size, eval_shares)
+    return Plan(seed, largest_remainder(train_size, shares), largest_remainder(eval_size, eval_shares))
+
+
+def _items(assets: DemoAssets, plan: Plan) -> tuple[list[Item], list[Item]]:
+    """Every source's training and evaluation items, letters assigned, each split shuffled."""
     train_items: list[Item] = []
     eval_items: list[Item] = []
-    train_hashes: set[str] = set()
-
-    def rng_for(source: str, split: str) -> np.random.Generator:
-        return np.random.default_rng([seed, SOURCES.index(source), 0 if split == "train" else 1])
-
-    def split_counts(source: str, n: int, train: bool) -> tuple[int, dict[str, int]]:
-        n_mc = n // 2 if train else n
-        return n - n_mc, even_split(n_mc, MC_CATEGORIES[source])
-
-    if "shapes" in sources:
-        if not assets.shapes_train or not assets.shapes_test:
-            raise ValueError("the shapes source needs easy-VQA train and test images")
-        items = shape_items(assets.shapes_train, *split_counts("shapes", n_train["shapes"], True),
-                             rng_for("shapes", "train"))
-        train_items += items
-        train_hashes |= {_hash(i.image) for i in {i.image_key: i for i in items}.values()}
-        # evaluation images from the test split, skipping any whose pixels a training image has
-        candidates = list(assets.shapes_test)
-        order = rng_for("shapes", "eval").permutation(len(candidates))
-        need = n_eval.get("shapes", 0)
-        pool = []
-        for k in order:
-            if len(pool) >= max(need, 1):
-                break
-            if _hash(candidates[k].image) not in train_hashes:
-                pool.append(candidates[k])
-        if need and not pool:
-            raise ValueError("every easy-VQA test image has the pixels of a training image")
-        if need:
-            eval_items += shape_items(pool, 0, even_split(need, MC_CATEGORIES["shapes"]), rng_for("shapes", "eval"))
-
-    if "digits" in sources:
-        labels = assets.digit_labels
-        if len(labels) < 8:
-            raise ValueError("the digits source needs at least 8 digits")
-        rng = np.random.default_rng([seed, SOURCES.index("digits"), 2])
-        order = [int(i) for i in rng.permutation(len(labels))]
-        n_eval_pool = max(1, int(round(len(order) * DIGIT_EVAL_FRACTION)))
-        train_idx = order[n_eval_pool:]
-        pixels = {i: digit_to_rgb(assets.digit_images[i], DIGIT_SIZE) for i in order}
-        train_digit_hashes = {pixel_hash(pixels[i]) for i in train_idx}
-        eval_idx = [i for i in order[:n_eval_pool] if pixel_hash(pixels[i]) not in train_digit_hashes]
-        train_items += digit_items(train_idx, labels, pixels, *split_counts("digits", n_train["digits"], True),
-                                    rng_for("digits", "train"))
-        if n_eval.get("digits") and not eval_idx:
-            raise ValueError("every held-out digit has the pixels of a training digit")
-        if n_eval.get("digits"):
-            eval_items += digit_items(eval_idx, labels, pixels, 0, even_split(n_eval["digits"], MC_CATEGORIES["digits"]),
-                                       rng_for("digits", "eval"))
-
-    if "photos" in sources:
-        photos = assets.photos
-        if len(photos) < 2 * MIN_PHOTOS_PER_SPLIT:
-            raise ValueError(f"the photos source needs at least {2 * MIN_PHOTOS_PER_SPLIT} photos, got {len(photos)}")
-        rng = np.random.default_rng([seed, SOURCES.index("photos"), 2])
-        order = [photos[i] for i in rng.permutation(len(photos))]
-        n_eval_photos = max(MIN_PHOTOS_PER_SPLIT, int(round(len(photos) * 0.25)))
-        eval_photos, train_photos = order[:n_eval_photos], order[n_eval_photos:]
-        train_items += photo_items(train_photos, *split_counts("photos", n_train["photos"], True),
-                                    rng_for("photos", "train"), "train")
-        if n_eval.get("photos"):
-            eval_items += photo_items(eval_photos, 0, even_split(n_eval["photos"], MC_CATEGORIES["photos"]),
-                                       rng_for("photos", "eval"), "eval")
-
-    if "wordnet" in sources:
-        nouns = assets.nouns
-        if len(nouns) < 16:
-            raise ValueError(f"the wordnet source needs at least 16 nouns, got {len(nouns)}")
-        rng = np.random.default_rng([seed, SOURCES.index("wordnet"), 2])
-        order = [nouns[i] for i in rng.permutation(len(nouns))]
-        n_eval_wn = n_eval.get("wordnet", 0)
-        n_eval_pool = max(8, min(len(order) // 4, 2 * n_eval_wn)) if n_eval_wn else 0
-        eval_pool, train_pool = order[:n_eval_pool], order[n_eval_pool:]
-        train_items += noun_items(train_pool, *split_counts("wordnet", n_train["wordnet"], True),
-                                   rng_for("wordnet", "train"), spare=[])
-        if n_eval_wn:
-            eval_items += noun_items(eval_pool, 0, even_split(n_eval_wn, MC_CATEGORIES["wordnet"]),
-                                      rng_for("wordnet", "eval"), spare=train_pool)
-
-    rng = np.random.default_rng([seed, 99])
+    for source in plan.n_train:
+        train, evaluation = SPLITS[source](assets, plan)
+        train_items += train
+        eval_items += evaluation
+    rng = np.random.default_rng([plan.seed, 99])
     assign_letters(train_items, rng)
     assign_letters(eval_items, rng)
-    train_items = [train_items[i] for i in rng.permutation(len(train_items))]
-    eval_items = [eval_items[i] for i in rng.permutation(len(eval_items))]
+    return ([train_items[i] for i in rng.permutation(len(train_items))],
+            [eval_items[i] for i in rng.permutation(len(eval_items))])
 
-    # ---- write
-    _prepare_out(out)
+
+def _write_train(out: str, items: list[Item]) -> tuple[str, int]:
+    """train.json and one PNG per distinct image under images/; returns the path and the image count."""
     written: dict[str, str] = {}
     records = []
-    for n, item in enumerate(train_items):
+    for n, item in enumerate(items):
         kind = "short" if item.distractors is None else item.category
         record = {"id": f"demo-{n:05d}-{item.source}-{kind}"}
         prompt = item_prompt(item)
@@ -251,59 +194,53 @@ def build_demo_data(out: str = DEFAULT_OUT, seed: int = 0, train_size: int | Non
                     f.write(_png_bytes(item.image))
                 written[item.image_key] = rel
             record["image"] = written[item.image_key]
-            prompt = "<image>\n" + prompt
+            prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
         answer = item.letter if item.distractors is not None else item.answer
         record["conversations"] = [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
         records.append(record)
-    train_json = os.path.join(out, "train.json")
-    with open(train_json, "w", encoding="utf-8") as f:
+    path = os.path.join(out, "train.json")
+    with open(path, "w", encoding="utf-8") as f:
         json.dump(records, f, ensure_ascii=False, indent=1)
+    return path, len(written)
 
-    rows = []
-    for n, item in enumerate(eval_items):
-        row = {"index": n, "question": item.question, "hint": item.hint,
-               **dict(zip(LETTERS, item.options)), "answer": item.letter, "category": item.category,
-               "l2-category": L2_CATEGORIES[item.category], "split": "dev",
-               "image": base64.b64encode(_png_bytes(item.image)).decode("ascii") if item.image is not None else ""}
-        rows.append(row)
-    eval_tsv = os.path.join(out, "eval.tsv")
-    write_mmbench_tsv(eval_tsv, rows)
 
-    # ---- checks on what was written
-    disjoint = check_disjoint(train_json, eval_tsv, out)
+def _write_eval(out: str, items: list[Item]) -> str:
+    rows = [{"index": n, "question": item.question, "hint": item.hint, **dict(zip(LETTERS, item.options)),
+             "answer": item.letter, "category": item.category, "l2-category": L2_CATEGORIES[item.category],
+             "split": "dev",
+             "image": base64.b64encode(_png_bytes(item.image)).decode("ascii") if item.image is not None else ""}
+            for n, item in enumerate(items)]
+    path = os.path.join(out, "eval.tsv")
+    write_mmbench_tsv(path, rows)
+    return path
+
+
+def _check_letters(train_items: list[Item], eval_items: list[Item]) -> dict:
+    """Answer letters balanced within one, per split and per category of each split; the split counts."""
     train_mc = [i for i in train_items if i.distractors is not None]
     letters = {"train": check_letters_balanced([i.letter for i in train_mc], "train"),
                "eval": check_letters_balanced([i.letter for i in eval_items], "eval")}
     for split, items in (("train", train_mc), ("eval", eval_items)):
         for category in sorted({i.category for i in items}):
             check_letters_balanced([i.letter for i in items if i.category == category], f"{split} {category}")
+    return letters
 
-    config_path = os.path.join(out, "demo.yaml")
-    with open(config_path, "w", encoding="utf-8") as f:
-        f.write(mixture_yaml("train.json", ".", "eval.tsv"))
-    MixtureConfig.from_yaml(config_path)  # the data pipeline accepts it
 
+def _counts(train_items: list[Item], eval_items: list[Item], image_files: int) -> dict:
     def by(items, key):
         return dict(sorted(Counter(key(i) for i in items).items()))
 
-    info = {
-        "out": os.path.abspath(out), "train": train_json, "eval": eval_tsv, "config": config_path,
-        "seed": seed, "train_records": len(records),
-        "train_text_only": sum(i.image is None for i in train_items),
+    train_mc = [i for i in train_items if i.distractors is not None]
+    return {
+        "train_records": len(train_items), "train_text_only": sum(i.image is None for i in train_items),
         "train_short_answer": sum(i.distractors is None for i in train_items),
-        "train_multiple_choice": len(train_mc), "train_image_files": len(written),
-        "eval_questions": len(rows), "eval_text_only": sum(i.image is None for i in eval_items),
+        "train_multiple_choice": len(train_mc), "train_image_files": image_files,
+        "eval_questions": len(eval_items), "eval_text_only": sum(i.image is None for i in eval_items),
         "train_by_source": by(train_items, lambda i: i.source),
         "train_mc_by_category": by(train_mc, lambda i: i.category),
         "eval_by_category": by(eval_items, lambda i: i.category),
         "eval_by_l2_category": by(eval_items, lambda i: L2_CATEGORIES[i.category]),
-        "answer_letters": letters, "disjointness": disjoint, "assets": dict(assets.versions),
-        "seconds": {"load_assets": round(loaded - start, 2), "total": round(time.time() - start, 2)},
     }
-    with open(os.path.join(out, "demo_info.json"), "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
-    logger.info("%s", format_summary(info))
-    return info
 
 
 def format_summary(info: dict) -> str:
