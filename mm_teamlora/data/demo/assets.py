@@ -171,11 +171,11 @@ def load_photos() -> tuple[list[Photo], str]:
     photos = []
     for name, caption in PHOTO_CAPTIONS.items():
         loader = getattr(data, name, None)
-        if loader is None:
+        if loader is None:  # not in this scikit-image version: the demo uses the others
             continue
-        try:
+        try:  # every photo listed is bundled: one that fails (or wants a download) is a broken install
             image = loader()
-        except Exception as e:  # a photo that would need a download (none of these) is skipped
+        except Exception as e:
             raise AssetMissingError(f"skimage.data.{name}() failed ({e}); reinstall scikit-image") from None
         if isinstance(image, tuple):
             image = image[0]
