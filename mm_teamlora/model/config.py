@@ -86,11 +86,17 @@ class MultimodalConfig:
 
     @classmethod
     def load(cls, directory: str) -> "MultimodalConfig":
+        """The config of a model folder; a language model path written `./NAME` (an export that
+        carries its own language model) is taken relative to that folder."""
         path = os.path.join(directory, CONFIG_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no {CONFIG_FILE} in {directory}: not a mm_teamlora model folder")
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            config = cls.from_dict(json.load(f))
+        if config.lm_path.startswith("./"):
+            local = os.path.join(os.path.abspath(directory), config.lm_path[2:])
+            config = dataclasses.replace(config, language_model=f"{config.lm_kind}:{local}")
+        return config
 
     @classmethod
     def llava_hf(cls, path: str, **kwargs) -> "MultimodalConfig":

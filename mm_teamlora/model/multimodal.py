@@ -14,12 +14,15 @@ with the padding mask, reaches the adapters through `routing_context` on every f
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import os
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.utils import ModelOutput
 
 from ..adapters import (AdapterConfig, adapter_layers, adapter_state_dict, apply_adapters, checkpoint_context_fn,
                         load_adapter, routing_context, save_adapter)
@@ -33,6 +36,28 @@ from .config import CONFIG_FILE, MODEL_PRESETS, PROJECTOR_FILE, MultimodalConfig
 from .vision import VisionTower
 
 LM_PREFIX, PROJECTOR_PREFIX = "language_model.", "projector."
+
+
+@dataclasses.dataclass
+class SupervisedLoss(ModelOutput):
+    """`MultimodalLM.forward(..., supervised_only=True)`: cross-entropy summed over the supervised
+    tokens (labels shifted by one, as every causal LM), and per row the summed (detached) loss and
+    the number of supervised tokens; `group_tokens` counts the real tokens the language model ran
+    per token group (image, text with image, text only)."""
+
+    loss_sum: torch.Tensor | None = None
+    row_loss: torch.Tensor | None = None
+    row_tokens: torch.Tensor | None = None
+    group_tokens: torch.Tensor | None = None
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    return "logits_to_keep" in _forward_parameters(type(model))
 
 
 class MultimodalLM(nn.Module):
@@ -50,6 +75,12 @@ class MultimodalLM(nn.Module):
         """Build the model `config` describes: frozen LM and tower, projector trainable."""
         parts = build_parts(config)
         return cls(parts.language_model, parts.vision_tower, parts.projector, parts.config, parts.tokenizer)
+
+    def train(self, mode: bool = True) -> "MultimodalLM":
+        """The frozen vision tower stays in eval mode (no dropout or drop-path) whatever the mode."""
+        super().train(mode)
+        self.vision_tower.eval()
+        return self
 
     @property
     def image_token_count(self) -> int:
@@ -181,12 +212,42 @@ class MultimodalLM(nn.Module):
 
     # -- forward and generation --------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_counts=None,
-                image_features=None, **kwargs):
+                image_features=None, supervised_only: bool = False, **kwargs):
+        """The language model's output over the spliced sequence (its `loss` is the mean over
+        supervised tokens when `labels` are given). `supervised_only=True` (needs labels) returns
+        a `SupervisedLoss` instead, with logits computed only where the next label is supervised."""
         inputs = self.build_inputs(input_ids, attention_mask, labels, pixel_values, image_counts,
                                    image_features=image_features)
+        if supervised_only:
+            if labels is None:
+                raise ValueError("supervised_only=True needs labels")
+            return self._supervised_loss(inputs, **kwargs)
         with routing_context(inputs["token_groups"], inputs["attention_mask"].bool()):
             return self.language_model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
                                        labels=inputs["labels"], **kwargs)
+
+    def _supervised_loss(self, inputs: dict, **kwargs) -> "SupervisedLoss":
+        """Cross-entropy summed over supervised tokens, with the LM head run only at the positions
+        t whose label t + 1 is supervised (transformers' boolean `logits_to_keep`), so each model
+        keeps its own logit post-processing. Most positions of a multimodal batch (prompts, image
+        tokens) carry no label, and the head is a large share of a small model's FLOPs."""
+        labels, mask = inputs["labels"], inputs["attention_mask"]
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        targets = labels[:, 1:][keep[:, :-1]]
+        with routing_context(inputs["token_groups"], mask.bool()):
+            if _takes_logits_to_keep(self.language_model):
+                logits = self.language_model(inputs_embeds=inputs["inputs_embeds"], attention_mask=mask,
+                                             logits_to_keep=keep, **kwargs).logits
+            else:  # a model without the argument: every position's logits, then the kept ones
+                logits = self.language_model(inputs_embeds=inputs["inputs_embeds"], attention_mask=mask,
+                                             **kwargs).logits[keep]
+        token_loss = nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+        rows = keep.nonzero()[:, 0]
+        row_loss = torch.zeros(labels.shape[0], device=labels.device).index_add_(0, rows, token_loss.detach())
+        real_groups = inputs["token_groups"][mask.bool()]
+        return SupervisedLoss(loss_sum=token_loss.sum(), row_loss=row_loss, row_tokens=keep.sum(1),
+                              group_tokens=torch.bincount(real_groups, minlength=NUM_TOKEN_GROUPS))
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_counts=None, image_features=None,
                  **kwargs) -> torch.Tensor:

@@ -1,0 +1,263 @@
+"""`train(run)`: one training run, start to finish, on every rank of a DeepSpeed launch (or alone).
+
+1. Check the run before any process group starts (files, ZeRO JSON, batch sizes, the run folder).
+2. Build the model, add the adapters; build the mixture (rank 0 first, so the others hit its cache),
+   hold out the validation records; plan the batches.
+3. `deepspeed.initialize` with the run's groups and schedule; resume the engine, RNGs and sampler
+   position from a checkpoint when asked.
+4. Steps until `max_steps` (or `epochs`), or `max_minutes` (rank 0 decides, every rank stops at the
+   same step); checkpoints every `save_steps` / `save_minutes` and at the end; validation every
+   `eval_steps` and at the end; metrics every `log_steps`.
+
+The run folder: run_config.yaml (resolved, overrides applied), data_report.json, metrics.jsonl,
+tb/, loss_curve.png, checkpoint-*/ (see checkpoint.py), latest, run_state.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..adapters import trainable_parameter_report
+from ..data import DataCollator, GroupedBatchSampler, MixtureConfig, build_dataset
+from ..files import atomic_write_text
+from . import checkpoint
+from .config import RunConfig, RunConfigError
+from .data import BatchStream, collate_with_names, split_validation
+from .engine import build_model, deepspeed_config, group_names, init_distributed, initialize, model_config
+from .loop import Timer, routing_usage, train_step, validate
+from .metrics import MetricsLog, format_routing, plot_loss_curve
+
+logger = logging.getLogger(__name__)
+RUN_STATE, RUN_CONFIG = "run_state.json", "run_config.yaml"
+KILL_AT_STEP = "MM_TEAMLORA_TEST_KILL_AT_STEP"  # tests: SIGKILL this process after that step
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    checkpoint: str  # the final checkpoint
+    steps: int  # optimizer steps done (in all sittings)
+    total_steps: int
+    finished: bool  # the schedule ran to its end (False: max_minutes stopped it)
+    train_loss: float | None  # of the last logged step
+    val_loss: float | None  # at the end
+    tokens_per_s: float  # this sitting's, summed over ranks
+    train_seconds: float  # this sitting's training time
+
+
+def preflight(run: RunConfig, world_size: int, resume: str | None, overwrite: bool) -> None:
+    """Everything that can be checked before a process group starts."""
+    if not os.path.isfile(run.data):
+        raise RunConfigError(f"run config: data: mixture {run.data} not found")
+    MixtureConfig.from_yaml(run.data)
+    model_config(run)
+    deepspeed_config(run, world_size)
+    if run.precision == "bf16" and not torch.cuda.is_available():
+        logger.warning("precision bf16 on a CPU: bf16 matmul is far slower than fp32 on most CPUs (about 100x "
+                       "here); use precision: fp32 unless this CPU has native bf16")
+    if resume and resume != "auto" and not os.path.isfile(os.path.join(resume, checkpoint.STATE_FILE)):
+        raise RunConfigError(f"--resume {resume}: not a complete checkpoint folder (no {checkpoint.STATE_FILE})")
+    if not resume and not overwrite and checkpoint.checkpoints(run.output_dir):
+        state = _run_state(run.output_dir)
+        what = "a finished run" if state.get("finished") else "checkpoints of an unfinished run"
+        raise RunConfigError(f"{run.output_dir} holds {what}; continue it with --resume auto, or start over "
+                             "with --overwrite (which deletes it)")
+
+
+def _run_state(run_dir: str) -> dict:
+    path = os.path.join(run_dir, RUN_STATE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _mixture(run: RunConfig) -> MixtureConfig:
+    config = MixtureConfig.from_yaml(run.data)
+    if run.stage == "pretrain_projector" and config.template != "plain":
+        logger.info("stage pretrain_projector: template %r -> plain (the image, then the answer)", config.template)
+        config.template = "plain"
+    if config.tokenizer is not None:
+        logger.info("the mixture's tokenizer %r is for `data check`; training uses the model's", config.tokenizer)
+    return config
+
+
+def train(run: RunConfig, resume: str | None = None, overwrite: bool = False) -> RunResult:
+    """Run (or continue) the training run `run` on this process's rank; see the module doc."""
+    preflight(run, int(os.environ.get("WORLD_SIZE", "1")), resume, overwrite)
+    rank, world = init_distributed()
+    run_dir = run.output_dir
+    if rank == 0:
+        if overwrite and os.path.isdir(run_dir):
+            shutil.rmtree(run_dir)
+        os.makedirs(run_dir, exist_ok=True)
+    torch.distributed.barrier()
+    resume_from = checkpoint.latest(run_dir) if resume == "auto" else resume
+    if resume == "auto" and resume_from is None:
+        logger.info("--resume auto: no checkpoint in %s, starting afresh", run_dir)
+
+    model = build_model(run)
+    if rank == 0:
+        atomic_write_text(os.path.join(run_dir, RUN_CONFIG), run.to_yaml())
+        if run.stage == "finetune":
+            logger.info("%s", trainable_parameter_report(model))
+        logger.info("global batch %d = micro-batch %d x accumulation %d x %d rank(s)",
+                    run.optim.global_batch_size(world), run.optim.micro_batch_size, run.optim.grad_accum, world)
+    dataset = None
+    for turn in (0, 1):  # rank 0 builds the tokenised cache; the others then read it
+        if (rank == 0) == (turn == 0):
+            dataset = build_dataset(_mixture(run), **model.data_inputs(),
+                                    report_dir=run_dir if rank == 0 else None)
+        torch.distributed.barrier()
+    train_view, val_view = split_validation(dataset, run.val_samples, run.seed)
+    source_names = [s.config.name for s in dataset.mixture.sources]
+    collator = DataCollator.from_tokenizer(model.tokenizer)
+    stream = BatchStream(train_view, collator, run.optim.micro_batch_size, rank, world, run.seed,
+                         run.dataloader_workers)
+    gas = run.optim.grad_accum
+    total = run.optim.max_steps or math.floor(run.optim.epochs * stream.batches_per_epoch / gas)
+    if total < 1:
+        raise RunConfigError(f"run config: {len(train_view)} training samples give {stream.batches_per_epoch} "
+                             f"micro-batches per rank per epoch, fewer than grad_accum={gas}")
+
+    _seed_everything(run.seed + rank)
+    engine, optimizer, _ = initialize(model, run, world, total)
+    engine.train()
+    step, state = 0, {}
+    if resume_from is not None:
+        state = checkpoint.load(engine, resume_from)
+        step = state["step"]
+        stream.load_state_dict(state["sampler"])
+        logger.info("resumed from %s at step %d of %d", resume_from, step, total)
+    if step >= total and state.get("finished"):
+        logger.info("%s already finished (%d steps): nothing to train", run_dir, step)
+        return RunResult(run_dir, resume_from, step, total, True, state.get("train_loss"), state.get("val_loss"), 0.0, 0.0)
+
+    log = MetricsLog(run_dir, run.tensorboard, resume_step=step) if rank == 0 else None
+    names = group_names(optimizer)
+    result = _steps(run, engine, stream, val_view, collator, source_names, log, names, step, total, rank, world,
+                    state)
+    if log is not None:
+        log.close()
+        plot_loss_curve(run_dir)
+    return result
+
+
+def _val_batches(view, collator, run: RunConfig, rank: int, world: int):
+    sampler = GroupedBatchSampler.from_dataset(view, batch_size=run.optim.micro_batch_size, num_replicas=world,
+                                               rank=rank, seed=run.seed)
+    for indices in sampler.batches(0):
+        yield collate_with_names(collator, [view[i] for i in indices])
+
+
+def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, source_names, log, group_names_,
+           step: int, total: int, rank: int, world: int, state: dict) -> RunResult:
+    gas, o = run.optim.grad_accum, run.optim
+    kill_at = int(os.environ.get(KILL_AT_STEP, "0"))
+    batches = iter(stream)
+    started = last_save = time.perf_counter()
+    window = {"tokens": 0, "seconds": 0.0}
+    sitting_tokens, timer = 0, Timer()
+    train_loss, val_loss = state.get("train_loss"), state.get("val_loss")
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)
+    stopped = False
+    while step < total and not stopped:
+        micro = [next(batches) for _ in range(gas)]
+        lrs = [g["lr"] for g in engine.optimizer.param_groups]
+        logging_step = (step + 1) % run.log_steps == 0 or step + 1 == total
+        stats, routing = train_step(engine, micro, source_names, world, record=logging_step)
+        step += 1
+        if rank == 0:
+            elapsed = time.perf_counter() - started
+            stats.flags = [float(o.max_minutes is not None and elapsed >= o.max_minutes * 60),
+                           float(run.save_minutes is not None and time.perf_counter() - last_save >= run.save_minutes * 60)]
+        stats = stats.reduce(len(source_names))
+        stopped = bool(stats.flags[0])
+        seconds = timer.lap()
+        window["tokens"] += stats.tokens
+        window["seconds"] += seconds
+        sitting_tokens += stats.tokens
+        train_loss = stats.loss
+        bar.update(1)
+        bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{lrs[0]:.2e}", tok_s=f"{stats.tokens / seconds:.0f}")
+        if logging_step:
+            record = _record(step, stream, stats, lrs, group_names_, engine, window, source_names)
+            if routing is not None:
+                record["routing"] = usage = routing_usage(routing)
+                if rank == 0:
+                    logger.info("step %d: %s", step, format_routing(usage))
+            if log is not None:
+                log.write(record)
+            window = {"tokens": 0, "seconds": 0.0}
+        last = step == total or stopped
+        if val_view is not None and ((run.eval_steps and step % run.eval_steps == 0) or last):
+            val_loss = _validate(run, engine, val_view, collator, source_names, log, step, rank, world)
+        if last or (run.save_steps and step % run.save_steps == 0) or stats.flags[1]:
+            trainer_state = {"step": step, "total_steps": total, "finished": step == total,
+                             "stopped_by": "max_minutes" if stopped and step < total else None,
+                             "sampler": stream.state_dict(), "train_loss": train_loss, "val_loss": val_loss,
+                             "seed": run.seed, "world_size": world}
+            folder = checkpoint.save(engine, engine.module, run.output_dir, step, trainer_state, run.save_total_limit)
+            last_save = time.perf_counter()
+            if rank == 0:
+                atomic_write_text(os.path.join(run.output_dir, RUN_STATE), json.dumps(
+                    {"finished": step == total, "step": step, "total_steps": total,
+                     "checkpoint": os.path.basename(folder)}, indent=1) + "\n")
+                bar.write(f"saved {folder}")
+        if kill_at and step == kill_at:
+            os.kill(os.getpid(), 9)
+        timer.lap()  # validation and saving do not count as training time
+    bar.close()
+    train_seconds = time.perf_counter() - started
+    if stopped and step < total and rank == 0:
+        logger.info("max_minutes=%g reached: stopped at step %d of %d (checkpoint saved); --resume auto continues",
+                    o.max_minutes, step, total)
+    return RunResult(run.output_dir, checkpoint.latest(run.output_dir), step, total, step == total, train_loss,
+                     val_loss, sitting_tokens / max(train_seconds, 1e-9), train_seconds)
+
+
+def _record(step, stream, stats, lrs, names, engine, window, source_names) -> dict:
+    norm = engine.get_global_grad_norm()
+    by_source = {n: stats.source_loss[i] / stats.source_tokens[i] for i, n in enumerate(source_names)
+                 if stats.source_tokens[i]}
+    return {"step": step, "epoch": stream.position.epoch, "loss": stats.loss, "aux_loss": stats.aux_loss,
+            "lr": dict(zip(names, lrs)), "grad_norm": None if norm is None else float(norm),
+            "tokens_per_s": window["tokens"] / max(window["seconds"], 1e-9), "supervised_tokens": stats.supervised,
+            "tokens_by_group": {"image": stats.group_tokens[0], "text_with_image": stats.group_tokens[1],
+                                "text_only": stats.group_tokens[2]},
+            "loss_by_source": by_source, "peak_mem_mb": _peak_memory_mb()}
+
+
+def _validate(run, engine, view, collator, source_names, log, step, rank, world) -> float:
+    stats = validate(engine, _val_batches(view, collator, run, rank, world), source_names).reduce(len(source_names))
+    by_source = {n: stats.source_loss[i] / stats.source_tokens[i] for i, n in enumerate(source_names)
+                 if stats.source_tokens[i]}
+    if log is not None:
+        log.write({"step": step, "split": "val", "val_loss": stats.loss, "val_loss_by_source": by_source,
+                   "val_supervised_tokens": stats.supervised})
+        logger.info("step %d: validation loss %.4f over %d supervised tokens", step, stats.loss, stats.supervised)
+    return stats.loss
