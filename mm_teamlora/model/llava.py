@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -58,7 +59,6 @@ def load_projector_bin(path: str) -> dict[str, torch.Tensor]:
 def load_original_language_model(path: str, dtype: torch.dtype):
     """A LLaVA LM folder; `model_type: llava` (LlavaLlamaForCausalLM) loads as a plain Llama."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    import json
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"language model folder not found: {path}")

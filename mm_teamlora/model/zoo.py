@@ -57,7 +57,7 @@ def preset_language_model(name: str, dtype: torch.dtype):
     if name == "smollm2-135m-instruct":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .pretrained_lm import cached_smollm2
+        from .convert.smollm2_gguf import cached_smollm2
 
         folder = cached_smollm2()
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval(), AutoTokenizer.from_pretrained(folder)
@@ -73,7 +73,7 @@ def preset_vision_tower(config):
     if config.path == "dinov2-small":
         import dataclasses
 
-        from .pretrained_vision import cached_dinov2_small
+        from .convert.dinov2_onnx import cached_dinov2_small
 
         return load_hf_vision_tower(dataclasses.replace(config, kind="hf", path=cached_dinov2_small()))
     raise ValueError(f"unknown vision preset {config.path!r}; presets: {', '.join(VISION_TOWERS)}")

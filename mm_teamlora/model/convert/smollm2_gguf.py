@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from ..files import atomic_folder, cache_root, is_complete
+from ...files import atomic_folder, cache_root, is_complete
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct-q4_1"
