@@ -10,7 +10,8 @@ import torch
 from fixtures.eval.helpers import SMALL_TSV, routed_tiny_model
 from mm_teamlora.data.errors import DataError
 from mm_teamlora import cli
-from mm_teamlora.eval.routing import inspect_routing, mutual_information_bits, separation
+from mm_teamlora.eval.routing import inspect_routing
+from mm_teamlora.eval.separation import mutual_information_bits, separation
 
 LLAVA_JSON = os.path.join(os.path.dirname(__file__), "fixtures", "data", "llava_small.json")
 

@@ -5,8 +5,8 @@ from .answers import extract_letter, letter_token_ids
 from .chat import answer
 from .mmbench import (ROTATION_STRIDE, MMBenchData, MMBenchQuestion, PromptConfig, encode_question, prompt_text,
                       read_mmbench)
-from .routing import (analyse, inspect_routing, mutual_information_bits, record_samples, routing_summary_line,
-                      separation)
+from .routing import analyse, inspect_routing, record_samples, routing_summary_line
+from .separation import mutual_information_bits, separation
 from .runner import EvalConfig, EvalResult, ImageFeatureCache, evaluate, rescore
 from .scoring import format_markdown, percent, read_predictions, score, summary_line
 
