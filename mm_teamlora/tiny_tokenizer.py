@@ -17,7 +17,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-_CORPUS = [
+_CORPUS = [  # fixed: the tiny-random preset's vocabulary depends on it (not on today's prompt constants)
     "The quick brown fox jumps over the lazy dog.",
     "What is shown in the image? Answer with the option's letter from the given choices directly.",
     "A red circle, a blue square and a green triangle on a white background.",

@@ -92,7 +92,9 @@ class MixtureConfig:
     sources: list[SourceConfig]
     name: str = "mixture"
     template: str = "chat"  # chat | vicuna_v1 | plain
-    tokenizer: str | None = None  # "tiny", or a tokenizer folder; library callers may pass an object
+    # `data check` without --model only: "tiny" (the test tokenizer) or a tokenizer folder; training
+    # and `data check --model` use the model's tokenizer
+    tokenizer: str | None = None
     max_length: int = 2048  # counting image_token_count tokens per image
     # tokens per image; the model's value is the truth: optional here (for `data check` without a
     # model), and a value that disagrees with the model is an error (`build_dataset`)
