@@ -133,7 +133,7 @@ def chat(question: str, model: str = "smollm2-dinov2-small", image: list[str] | 
     try:
         print(answer(load_model(model), question, image or [], max_new_tokens=max_new_tokens, temperature=temperature))
     except (ValueError, FileNotFoundError) as e:
-        return _fail(str(e), 2)
+        return _failure(e)
     return 0
 
 
@@ -159,10 +159,8 @@ def eval_(model: str = "", data: str = "", mode: str = "likelihood", circular: b
                             prompt=PromptConfig(instruction=instruction, use_hint=hint, template=template),
                             on_error=on_error, shard=shard, num_shards=num_shards).validate()
         result = evaluate(_load_model(model, device), data, out, config, model_name=model, restart=restart)
-    except DataError as e:
-        return _fail(str(e), 1)
-    except (ValueError, FileNotFoundError) as e:
-        return _fail(str(e), 2)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        return _failure(e)
     print(f"answered {result.rows_run} rows ({result.rows - result.rows_run} resumed); "
           f"predictions: {result.predictions}")
     if result.report is None:
@@ -187,10 +185,8 @@ def eval_score(predictions: list[str] | None = None, data: str = "", out: str = 
         return _fail("--predictions and --data are required", 2)
     try:
         report = rescore(predictions, data, out, on_error=on_error)
-    except DataError as e:
-        return _fail(str(e), 1)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        return _fail(str(e), 2)
+    except (DataError, ValueError, FileNotFoundError, KeyError) as e:
+        return _failure(e)
     print(f"MMBench {'CircularEval ' if report['circular_eval'] else ''}{summary_line(report)}; reports in {out}")
     return 0
 
@@ -213,10 +209,8 @@ def inspect_routing(model: str = "", data: str = "", out: str = "runs/routing", 
                                     image_root=image_root or None, batch_size=batch_size, on_error=on_error,
                                     max_samples=max_samples, max_length=max_length, plots=plots, model_name=model,
                                     progress=True)
-    except DataError as e:
-        return _fail(str(e), 1)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        return _fail(str(e), 2)
+    except (DataError, ValueError, FileNotFoundError, ImportError) as e:
+        return _failure(e)
     print(f"{routing_summary_line(result)}; routing.json and {len(result.get('plots', []))} plots in {out}")
     return 0
 
@@ -241,6 +235,14 @@ def _load_model(spec: str, device: str = ""):
 def _fail(message: str, code: int) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def _failure(error: Exception) -> int:
+    """Print a library error; its exit code: 1 for a bad data record (`DataError`, under
+    on_error raise), 2 for an argument, file or model the user must fix."""
+    from .data import DataError
+
+    return _fail(str(error), 1 if isinstance(error, DataError) else 2)
 
 
 # a command is a typed function, or a group of them (`mm-teamlora data check ...`)
