@@ -15,11 +15,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from fixtures.data.helpers import REPO, tokenizer
+from mm_teamlora.cli import main
 from mm_teamlora.data import (DataCollator, GroupedBatchSampler, InstructionDataset, MixtureConfig, ResizeToTensor,
                               build_mixture)
 from mm_teamlora.data.demo import (L2_CATEGORIES, AssetMissingError, DemoAssets, DisjointnessError, Photo,
-                                   ShapeImage, build_demo_data, check_disjoint, find_wordnet_dir, load_nouns, mixture_yaml, read_mmbench_tsv)
-from mm_teamlora.cli import main
+                                   ShapeImage, build_demo_data, check_disjoint, find_wordnet_dir, load_nouns,
+                                   mixture_yaml, read_mmbench_tsv)
 from mm_teamlora.data.demo.build import CHECKED_IN_HEADER, Item, assign_letters
 from mm_teamlora.data.demo.disjoint import MMBENCH_COLUMNS, write_mmbench_tsv
 

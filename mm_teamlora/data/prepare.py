@@ -10,9 +10,10 @@ The cache entry is a folder `<cache_dir>/<source name>-<key>/` holding `data.arr
 `datasets.Dataset.from_file`, memory-mapped: a second run starts at once) and `report.json`,
 written whole by `files.atomic_folder` (an entry is complete or absent; of two processes building
 the same entry, the first to finish wins). Without a cache the source is built in a temporary
-folder and held in memory. The key hashes everything the result depends on: the file (absolute path, size, modification time),
-format, image root, template, system prompt, tokenizer fingerprint, max length, image token count,
-truncation, error policy, image check limits and `CACHE_VERSION`. Image files are not part of the
+folder and held in memory. The key hashes everything the result depends on: the file (absolute
+path, size, modification time), format, image root, template, system prompt, tokenizer
+fingerprint, max length, image token count, truncation, error policy, image check limits and
+`CACHE_VERSION`. Image files are not part of the
 key: after changing images in place, pass `rebuild=True`.
 """
 
