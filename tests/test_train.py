@@ -283,7 +283,8 @@ def test_max_minutes_stops_every_rank_at_a_step_boundary_with_a_checkpoint(tmp_p
 def _train_in_a_process(path, output_dir, env=None, resume=False):
     command = [sys.executable, "-m", "mm_teamlora.train", str(path), f"output_dir={output_dir}"]
     command += ["--resume", "auto"] if resume else ["--overwrite"]
-    return subprocess.run(command, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600,
+                          start_new_session=True)  # the kill hook ends its whole process group
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_losses_and_tensors(tmp_path):

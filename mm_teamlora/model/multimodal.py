@@ -69,6 +69,11 @@ class MultimodalLM(nn.Module):
         self.projector = projector.requires_grad_(True)
         self.config = config  # how to rebuild this model
         self.tokenizer = tokenizer
+        # A batch without images normally skips the tower. Where parameters are sharded and
+        # gathered by collectives (ZeRO-3), every rank must run the same modules on every forward,
+        # so a batch without images runs tower and projector on a blank image whose features are
+        # multiplied by zero. The training room turns this on; nothing else changes.
+        self.vision_on_every_batch = False
 
     @classmethod
     def from_config(cls, config: MultimodalConfig) -> "MultimodalLM":
@@ -183,8 +188,12 @@ class MultimodalLM(nn.Module):
         if given != total:
             raise ValueError(f"the batch's placeholders need {total} images but {given} were given")
         features = image_features if image_features is not None else (self.encode_images(pixel_values) if total else None)
+        if features is None and self.vision_on_every_batch:
+            blank = self.encode_images(self.vision_tower.blank_pixels().to(input_ids.device))
         embeds = self.language_model.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
-        if features is None and torch.is_grad_enabled() and any(p.requires_grad for p in self.projector.parameters()):
+        if features is None and self.vision_on_every_batch:
+            embeds = embeds + 0.0 * blank.sum()
+        elif features is None and torch.is_grad_enabled() and any(p.requires_grad for p in self.projector.parameters()):
             # keep the projector in the autograd graph (zero gradient), so every data-parallel
             # rank reduces the same parameters whether or not its batch holds an image
             embeds = embeds + 0.0 * sum(p.sum() for p in self.projector.parameters()).to(embeds.dtype)

@@ -106,6 +106,13 @@ class VisionTower(nn.Module):
         self.encoder.eval()
         return self
 
+    def blank_pixels(self) -> torch.Tensor:
+        """(1, C, H, W): a mid-grey image as `preprocess` makes it, for a forward whose output is
+        discarded (see `MultimodalLM.vision_on_every_batch`)."""
+        if getattr(self, "_blank", None) is None:
+            self._blank = self.preprocess(Image.new("RGB", (64, 64), (128, 128, 128)))[None]
+        return self._blank
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB")
         if self.config.pad_to_square:

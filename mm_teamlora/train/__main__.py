@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default=None, help="auto (the run folder's latest checkpoint) or a checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run folder first")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come after --resume or --overwrite
     rank = setup_logging()
     try:
         run = RunConfig.from_yaml(args.config, args.overrides)

@@ -1,6 +1,6 @@
 """`RunConfig`: one training run as one YAML file (a dataclass tree that round-trips).
 
-    model: smollm2-dinov2-small      # a preset, a checkpoint folder (continue from it), or a mapping:
+    model: smollm2-dinov2-small      # a preset, a checkpoint or run folder (continue from it), or a mapping:
                                      #   {preset: NAME, vision: {pool_to: 16}} or MultimodalConfig fields
     data: ../demo.yaml               # a data_configs mixture
     output_dir: runs/demo-teamlora
@@ -9,8 +9,9 @@
     deepspeed: 2                     # ZeRO stage 0 / 2 / 3, or a ZeRO JSON ("auto" values filled from here)
 
 Overrides are dotted `key=value` pairs (`adapter.method=lora optim.lr=1e-4`), values read as YAML.
-Input paths (`data`, a checkpoint `model`, a `deepspeed` JSON) resolve against the run file's
-folder; `output_dir` against the working directory. Unknown keys are errors that name the allowed
+Input paths (`data`, a checkpoint `model` or the folders a model mapping names, a `deepspeed` JSON)
+resolve against the run file's folder, or the working directory when given as overrides;
+`output_dir` against the working directory. Unknown keys are errors that name the allowed
 ones. The model's tokenizer and tokens per image are the ones that count: the mixture's own
 `tokenizer` key serves `data check` only.
 
@@ -183,7 +184,7 @@ class RunConfig:
     def from_dict(cls, data: dict, base_dir: str | None = None, overrides: list[str] = ()) -> "RunConfig":
         """Build and check; `overrides` are dotted `key=value` strings applied first; relative input
         paths resolve against `base_dir` (the run file's folder)."""
-        data = apply_overrides(data, overrides)
+        data = apply_overrides(data, [_absolute_path_override(o) for o in overrides])
         if not isinstance(data, dict):
             _fail("top level", f"expected a mapping, got {type(data).__name__}")
         adapter = data.get("adapter")
@@ -196,6 +197,8 @@ class RunConfig:
             config.data = _resolve(base_dir, config.data)
             if isinstance(config.model, str) and config.model not in MODEL_PRESETS:  # a checkpoint folder
                 config.model = _resolve(base_dir, config.model)
+            elif isinstance(config.model, dict):
+                config.model = _resolve_model_paths(base_dir, config.model)
             if isinstance(config.deepspeed, str):
                 config.deepspeed = _resolve(base_dir, config.deepspeed)
         return config
@@ -227,6 +230,21 @@ def _resolve(base_dir: str, path: str) -> str:
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(path)))
 
 
+def _resolve_model_paths(base_dir: str, spec: dict) -> dict:
+    """The folders a model mapping names (`language_model` KIND:PATH, `vision.path`,
+    `projector_init`), resolved like every other input path; presets and names stay as they are."""
+    spec = _deep_copy(spec)
+    kind, sep, path = str(spec.get("language_model", "")).partition(":")
+    if sep and kind != "preset" and path:
+        spec["language_model"] = f"{kind}:{_resolve(base_dir, path)}"
+    vision = spec.get("vision")
+    if isinstance(vision, dict) and vision.get("kind") in ("hf", "llava-hf", "open_clip") and vision.get("path"):
+        vision["path"] = _resolve(base_dir, vision["path"])
+    if spec.get("projector_init"):
+        spec["projector_init"] = _resolve(base_dir, spec["projector_init"])
+    return spec
+
+
 def _build(cls, data: Any, where: str):
     """`cls(**data)` with unknown keys named, and the class's own checks' errors located."""
     if not isinstance(data, dict):
@@ -248,6 +266,20 @@ def _build(cls, data: Any, where: str):
         raise
     except (TypeError, ValueError) as e:
         _fail(where, str(e))
+
+
+def _absolute_path_override(item: str) -> str:
+    """A path given on the command line is relative to the working directory, not to the run file."""
+    key, sep, value = item.partition("=")
+    if not sep or not value or key not in ("data", "model", "deepspeed", "model.language_model", "model.vision.path",
+                                           "model.projector_init"):
+        return item
+    if key == "model" and value in MODEL_PRESETS or key == "deepspeed" and value.isdigit():
+        return item
+    if key == "model.language_model":
+        kind, colon, path = value.partition(":")
+        return item if not colon or kind == "preset" else f"{key}={kind}:{os.path.abspath(path)}"
+    return f"{key}={os.path.abspath(os.path.expanduser(value))}"
 
 
 def apply_overrides(data: dict, overrides) -> dict:

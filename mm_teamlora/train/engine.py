@@ -32,6 +32,7 @@ from ..adapters import adapter_config, adapter_layers
 from ..adapters.state import FUNCTIONAL_FIELDS
 from ..model import MODEL_PRESETS, MultimodalConfig, MultimodalLM
 from ..model.config import CONFIG_FILE
+from .checkpoint import LATEST
 from .config import RunConfig, RunConfigError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,11 @@ def model_config(run: RunConfig) -> tuple[MultimodalConfig | None, str | None]:
     if isinstance(spec, str):
         if os.path.isfile(os.path.join(spec, CONFIG_FILE)):
             return None, spec
+        if os.path.isfile(os.path.join(spec, LATEST)):  # a run folder: its newest checkpoint
+            with open(os.path.join(spec, LATEST), encoding="utf-8") as f:
+                folder = os.path.join(spec, f.read().strip())
+            if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+                return None, folder
         if spec not in MODEL_PRESETS:
             where = "folder has no " + CONFIG_FILE if os.path.isdir(spec) else "is neither a checkpoint folder nor a preset"
             raise RunConfigError(f"run config: model: {spec!r} {where}; presets: {', '.join(MODEL_PRESETS)}")

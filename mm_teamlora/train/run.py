@@ -147,6 +147,7 @@ def train(run: RunConfig, resume: str | None = None, overwrite: bool = False) ->
     _seed_everything(run.seed + rank)
     engine, optimizer, _ = initialize(model, run, world, total)
     engine.train()
+    model.vision_on_every_batch = engine.zero_optimization_stage() == 3
     step, state = 0, {}
     if resume_from is not None:
         state = checkpoint.load(engine, resume_from)
@@ -229,7 +230,7 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
                      "checkpoint": os.path.basename(folder)}, indent=1) + "\n")
                 bar.write(f"saved {folder}")
         if kill_at and step == kill_at:
-            os.kill(os.getpid(), 9)
+            os.killpg(os.getpgid(0), 9)  # the whole launch: launcher and every rank
         timer.lap()  # validation and saving do not count as training time
     bar.close()
     train_seconds = time.perf_counter() - started
