@@ -1,14 +1,14 @@
 """Generation speed with KV cache: frozen model vs LoRA vs TeamLoRA (unmerged), side by side (not a test).
 
 A model with SmolLM2-135M's config and random weights, all-linear adapters of rank 64 (TeamLoRA
-k = 4, group routing on), greedy decoding under a routing context. Two grad modes:
-`inference_mode`, as `MultimodalLM.generate` runs it, and `no_grad`, as a plain Hugging Face
-`model.generate` runs it; peft's LoRA is the outside anchor. TeamLoRA runs its compiled CPU update
-(mm_teamlora/adapters/kernels.py; built on first use) and, in the `PyTorch ops` rows, the same
-inference form without it. tokens/s (new tokens) is the median over interleaved repeats, min-max
-in brackets; `x LoRA` is the median of the per-repeat ratios. A shared machine drifts by +-5%
-between whole generations, so a second table times single decode steps with the models taking
-turns step by step: the steadier ratio.
+k = 4, group routing on), greedy decoding with `generation_routing` (what `MultimodalLM.generate`
+uses). Two grad modes: `inference_mode`, as `MultimodalLM.generate` runs it, and `no_grad`, as a
+plain Hugging Face `model.generate` runs it; peft's LoRA is the outside anchor. tokens/s (new
+tokens) is the median over interleaved repeats, min-max in brackets; `x LoRA` is the median of the
+per-repeat ratios. A shared machine drifts by +-5% between whole generations, so a second table
+times single decode steps with the models taking turns step by step: the steadier ratio. A third
+counts the ops of one decode step with torch.profiler (the proxy for launch overhead on a GPU):
+every aten op, and the leaf ops that do work (views and other metadata ops left out).
 
     .venv/bin/python bench/generate_speed.py [--repeats 5] [--batch 4] [--prompt 64] [--new 32] [--steps 100]
 """
@@ -16,7 +16,6 @@ turns step by step: the steadier ratio.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
 import time
@@ -24,21 +23,31 @@ import time
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from mm_teamlora.adapters import AdapterConfig, apply_adapters, kernels, routing_context
+from mm_teamlora.adapters import AdapterConfig, apply_adapters, generation_routing, routing_context
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 RANK, ALPHA = 64, 32
-OPS_ONLY = "TeamLoRA, PyTorch ops"
+TEAM = "TeamLoRA k=4"
+GROUP = 1  # every token's group, prompt and generated
+# ops that only make views or read metadata: no kernel of their own on a GPU
+METADATA_OPS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::unsqueeze", "aten::squeeze",
+                "aten::t", "aten::transpose", "aten::expand", "aten::split", "aten::split_with_sizes",
+                "aten::narrow", "aten::slice", "aten::select", "aten::as_strided", "aten::unflatten",
+                "aten::flatten", "aten::permute", "aten::detach", "aten::alias", "aten::_unsafe_view",
+                "aten::empty", "aten::empty_strided", "aten::resolve_conj", "aten::resolve_neg",
+                "aten::lift_fresh", "aten::unbind", "aten::chunk", "aten::contiguous", "aten::to",
+                "aten::_to_copy", "aten::item", "aten::_local_scalar_dense", "aten::is_nonzero",
+                "aten::result_type", "aten::size", "aten::stride", "aten::dim"}
 
 
 def build_models(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
     models = {
         "frozen": base,
         "LoRA": apply_adapters(copy.deepcopy(base), AdapterConfig(method="lora", r=RANK, alpha=ALPHA)),
-        "TeamLoRA k=4": apply_adapters(copy.deepcopy(base), AdapterConfig(method="teamlora", r=RANK, num_experts=4,
-                                                                          alpha=ALPHA, group_routing=True)),
+        TEAM: apply_adapters(copy.deepcopy(base), AdapterConfig(method="teamlora", r=RANK, num_experts=4,
+                                                                alpha=ALPHA, group_routing=True)),
     }
     try:
         from peft import LoraConfig, inject_adapter_in_model
@@ -54,30 +63,46 @@ def build_models(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return models
 
 
-def ops_context(label: str):
-    """TeamLoRA's plans for `OPS_ONLY` are built without the compiled kernel."""
-    return kernels.pytorch_ops_only() if label == OPS_ONLY else contextlib.nullcontext()
-
-
-def decode_steps(models: dict, ids: torch.Tensor, groups: torch.Tensor, steps: int) -> dict[str, list[float]]:
+def decode_steps(models: dict, ids: torch.Tensor, steps: int) -> dict[str, list[float]]:
     """Seconds per KV-cache decode step (inference_mode), the models taking turns step by step in
     alternating order, each on a cache holding the prompt; a step's token is cropped off again,
     so every step sees the same cache."""
     times = {label: [] for label in models}
-    with torch.inference_mode(), routing_context(groups):
+    with torch.inference_mode():
         caches = {label: DynamicCache(config=model.config) for label, model in models.items()}
-        for label, model in models.items():
-            with ops_context(label):  # a layer's plan is built at its first forward in the context
+        with routing_context(torch.full_like(ids, GROUP)):
+            for label, model in models.items():
                 model(input_ids=ids, cache=caches[label], use_cache=True)
         token, labels = ids[:, -1:], list(models)
-        for step in range(steps + 2):
-            for label in labels if step % 2 == 0 else labels[::-1]:
-                start = time.perf_counter()
-                models[label](input_ids=token, cache=caches[label], use_cache=True)
-                if step >= 2:  # two warm-up steps
-                    times[label].append(time.perf_counter() - start)
-                caches[label].crop(-1)
+        with routing_context(torch.full_like(token, GROUP)):
+            for step in range(steps + 2):
+                for label in labels if step % 2 == 0 else labels[::-1]:
+                    start = time.perf_counter()
+                    models[label](input_ids=token, cache=caches[label], use_cache=True)
+                    if step >= 2:  # two warm-up steps
+                        times[label].append(time.perf_counter() - start)
+                    caches[label].crop(-1)
     return times
+
+
+def ops_per_decode_step(model: torch.nn.Module, ids: torch.Tensor) -> tuple[int, int]:
+    """(aten ops, leaf ops that are not views or metadata) of one KV-cache decode step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        with routing_context(torch.full_like(ids, GROUP)):
+            model(input_ids=ids, cache=cache, use_cache=True)
+        token = ids[:, -1:]
+        with routing_context(torch.full_like(token, GROUP)):
+            model(input_ids=token, cache=cache, use_cache=True)  # warm-up
+            cache.crop(-1)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                model(input_ids=token, cache=cache, use_cache=True)
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    work = [e for e in events if e.name not in METADATA_OPS
+            and not any(c.name.startswith("aten::") for c in e.cpu_children)]
+    return len(events), len(work)
 
 
 def main() -> None:
@@ -91,16 +116,13 @@ def main() -> None:
     torch.manual_seed(0)
     models = build_models(LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval().requires_grad_(False))
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch, args.prompt))
-    groups = torch.ones_like(ids)
     modes = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
-    runs = [("inference_mode", label) for label in ("frozen", "peft LoRA", "LoRA", "TeamLoRA k=4", OPS_ONLY)
-            if label in models or label == OPS_ONLY]
-    runs += [("no_grad", "LoRA"), ("no_grad", "TeamLoRA k=4")]
-    kernel = kernels.cpu_route_kernel()  # built here (once), not inside a timed run
+    runs = [("inference_mode", label) for label in ("frozen", "peft LoRA", "LoRA", TEAM) if label in models]
+    runs += [("no_grad", "LoRA"), ("no_grad", TEAM)]
 
     def run(mode: str, label: str) -> None:
-        model = models["TeamLoRA k=4" if label == OPS_ONLY else label]
-        with ops_context(label), modes[mode](), routing_context(groups):
+        model = models[label]
+        with modes[mode](), generation_routing(model, torch.full_like(ids, GROUP), new_token_groups=GROUP):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
                                  min_new_tokens=args.new, do_sample=False, pad_token_id=0)
         assert out.shape[1] == args.prompt + args.new
@@ -120,32 +142,31 @@ def main() -> None:
     ratio = {(mode, label): statistics.median(lo / t for lo, t in zip(times[mode, "LoRA"], ts))
              for (mode, label), ts in times.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, prompt {args.prompt}, "
-          f"{args.new} new tokens, greedy, KV cache, fp32; {args.repeats} interleaved repeats; "
-          f"CPU kernel {'built' if kernel is not None else 'NOT built: TeamLoRA rows run PyTorch ops'}")
+          f"{args.new} new tokens, greedy, KV cache, fp32; {args.repeats} interleaved repeats")
     print(f"{'grad mode':<15} {'model':<21} {'tokens/s':>9} {'[min - max]':>15} {'x LoRA':>7}")
     for (mode, label), t in times.items():
         spread = f"[{new_tokens / max(t):.1f} - {new_tokens / min(t):.1f}]"
         print(f"{mode:<15} {label:<21} {speed[mode, label]:>9.1f} {spread:>15} {ratio[mode, label]:>7.3f}")
 
-    step_models = {label: models[label] for label in ("frozen", "peft LoRA", "LoRA", "TeamLoRA k=4") if label in models}
-    step_models[OPS_ONLY] = copy.deepcopy(models["TeamLoRA k=4"])  # its own layers, so its own plans
-    steps = decode_steps(step_models, ids, groups, args.steps)
+    step_models = {label: models[label] for label in ("frozen", "peft LoRA", "LoRA", TEAM) if label in models}
+    steps = decode_steps(step_models, ids, args.steps)
     step_ratio = {label: statistics.median(lo / t for lo, t in zip(steps["LoRA"], ts)) for label, ts in steps.items()}
-    print(f"\ndecode steps (inference_mode, cache of {args.prompt} tokens), {args.steps} turns, median")
-    print(f"{'model':<21} {'ms/step':>8} {'x LoRA':>7}")
+    ops = {label: ops_per_decode_step(model, ids) for label, model in step_models.items()}
+    print(f"\ndecode steps (inference_mode, cache of {args.prompt} tokens), {args.steps} turns, median; "
+          f"ops of one step (torch.profiler)")
+    print(f"{'model':<21} {'ms/step':>8} {'x LoRA':>7} {'aten ops':>9} {'work ops':>9}")
     for label, t in steps.items():
-        print(f"{label:<21} {statistics.median(t) * 1e3:>8.1f} {step_ratio[label]:>7.3f}")
+        print(f"{label:<21} {statistics.median(t) * 1e3:>8.1f} {step_ratio[label]:>7.3f} {ops[label][0]:>9} {ops[label][1]:>9}")
 
-    team = ratio["inference_mode", "TeamLoRA k=4"]
+    team = ratio["inference_mode", TEAM]
     result = (f"RESULT teamlora_over_lora={team:.3f} "
-              f"teamlora_over_lora_no_grad={ratio['no_grad', 'TeamLoRA k=4']:.3f} "
-              f"teamlora_pytorch_ops_over_lora={ratio['inference_mode', OPS_ONLY]:.3f} "
-              f"decode_step_teamlora_over_lora={step_ratio['TeamLoRA k=4']:.3f} "
-              f"decode_step_pytorch_ops_over_lora={step_ratio[OPS_ONLY]:.3f} "
-              f"lora_over_frozen={1 / ratio['inference_mode', 'frozen']:.3f}")
+              f"teamlora_over_lora_no_grad={ratio['no_grad', TEAM]:.3f} "
+              f"decode_step_teamlora_over_lora={step_ratio[TEAM]:.3f} "
+              f"lora_over_frozen={1 / ratio['inference_mode', 'frozen']:.3f} "
+              f"ops_per_step_teamlora={ops[TEAM][0]}/{ops[TEAM][1]} ops_per_step_lora={ops['LoRA'][0]}/{ops['LoRA'][1]}")
     if "peft LoRA" in models:
         result += (f" teamlora_over_peft_lora={team / ratio['inference_mode', 'peft LoRA']:.3f}"
-                   f" decode_step_teamlora_over_peft_lora={step_ratio['TeamLoRA k=4'] / step_ratio['peft LoRA']:.3f}")
+                   f" decode_step_teamlora_over_peft_lora={step_ratio[TEAM] / step_ratio['peft LoRA']:.3f}")
     print(result)
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mm_teamlora.adapters import AdapterConfig, adapter_layers, record_routing
+from mm_teamlora.adapters import AdapterConfig, adapter_layers, current_routing, record_routing, routing_context
 from mm_teamlora.constants import (GROUP_IMAGE, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE, IGNORE_INDEX,
                                    IMAGE_PLACEHOLDER_ID)
 from mm_teamlora.model import MultimodalConfig, MultimodalLM
@@ -228,3 +228,78 @@ def test_adapters_go_on_the_language_model_only_and_bad_targets_are_clear():
         MultimodalLM.from_config(MultimodalConfig.preset()).add_adapters(AdapterConfig(target_modules=["c_attn"]))
     with pytest.raises(ValueError, match="num_token_groups >= 3"):
         MultimodalLM.from_config(MultimodalConfig.preset()).add_adapters(AdapterConfig(group_routing=True, num_token_groups=2))
+
+
+# -- generation: expanded rows, decode groups, nothing kept (issue 12, item 5) -------------------
+def _generate_kwargs(**kwargs):
+    return dict(max_new_tokens=5, eos_token_id=None, **kwargs)
+
+
+@pytest.mark.parametrize("rows", [[0], [0, 1, 2]], ids=["single", "batched"])
+def test_beam_search_of_a_batch_equals_its_rows_one_by_one(rows):
+    """Beams are expanded rows: each routes by its source row, so a batch's beam search gives each
+    row what that row alone gives (and a single row no longer trips over its 2 beams)."""
+    model = adapted_model().eval()
+    texts, images = [TEXTS[b] for b in rows], [IMAGES[b] for b in rows]
+    ids, mask, pixels, counts = make_batch(model, texts, images, padding_side="left")
+    batched = model.generate(ids, mask, pixels, counts, **_generate_kwargs(num_beams=2, do_sample=False))
+    assert batched.shape == (len(rows), 5)
+    for i, b in enumerate(rows):
+        one = make_batch(model, [TEXTS[b]], [IMAGES[b]], padding_side="left")
+        single = model.generate(*one, **_generate_kwargs(num_beams=2, do_sample=False))
+        assert torch.equal(batched[i], single[0]), b
+
+
+@pytest.mark.parametrize("rows", [[2], [0, 1, 2]], ids=["single", "batched"])
+def test_sampled_sequences_route_like_their_prompt_repeated_by_hand(rows):
+    """num_return_sequences=2 with a seed gives what the same seed gives for each prompt written
+    twice in the batch: the copies take their source row's groups."""
+    model = adapted_model().eval()
+    texts, images = [TEXTS[b] for b in rows], [IMAGES[b] for b in rows]
+    ids, mask, pixels, counts = make_batch(model, texts, images, padding_side="left")
+    torch.manual_seed(0)
+    expanded = model.generate(ids, mask, pixels, counts, **_generate_kwargs(do_sample=True, num_return_sequences=2))
+    twice = [b for b in rows for _ in range(2)]
+    by_hand = make_batch(model, [TEXTS[b] for b in twice], [IMAGES[b] for b in twice], padding_side="left")
+    torch.manual_seed(0)
+    reference = model.generate(*by_hand, **_generate_kwargs(do_sample=True))
+    assert expanded.shape == (2 * len(rows), 5)
+    assert torch.equal(expanded, reference)
+
+
+def test_new_tokens_route_as_text_of_their_row():
+    """Reference: one forward over prompt + answer, the answer's tokens tagged with the row's text
+    group (text with image / text only), predicts every greedy token the generation made."""
+    model = adapted_model().eval()
+    ids, mask, pixels, counts = make_batch(model, TEXTS, IMAGES, padding_side="left")
+    new = model.generate(ids, mask, pixels, counts, **_generate_kwargs(do_sample=False))
+    with torch.no_grad():
+        inputs = model.build_inputs(ids, mask, None, pixels, counts, padding_side="left")
+        embeds = torch.cat([inputs["inputs_embeds"], model.language_model.get_input_embeddings()(new)], 1)[:, :-1]
+        full_mask = torch.cat([inputs["attention_mask"], torch.ones_like(new)], dim=1)[:, :-1]
+        prompt = inputs["inputs_embeds"].shape[1]
+
+        def predicted(answer_groups):
+            groups = torch.cat([inputs["token_groups"], answer_groups[:, None].expand(3, 5)], dim=1)[:, :-1]
+            with routing_context(groups, full_mask.bool()):
+                logits = model.language_model(inputs_embeds=embeds, attention_mask=full_mask).logits
+            return logits[:, prompt - 1:].argmax(-1)
+
+        assert torch.equal(predicted(torch.tensor([GROUP_TEXT_WITH_IMAGE, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE])), new)
+        assert not torch.equal(predicted(torch.full((3,), GROUP_IMAGE)), new)  # guard: the groups matter
+
+
+def test_generate_keeps_no_routing_context_or_hook():
+    import gc
+    import weakref
+
+    model = adapted_model().eval()
+    seen = []
+    layer = next(iter(adapter_layers(model.language_model).values()))
+    layer.register_forward_pre_hook(lambda module, args: seen.append(weakref.ref(current_routing())))
+    ids, mask, pixels, counts = make_batch(model, TEXTS, IMAGES, padding_side="left")
+    model.generate(ids, mask, pixels, counts, **_generate_kwargs(num_beams=2, do_sample=False))
+    gc.collect()
+    assert len(seen) == 5 and all(ref() is None for ref in seen)
+    assert not model.language_model._forward_pre_hooks and not model.language_model._forward_hooks
+    assert current_routing() is None

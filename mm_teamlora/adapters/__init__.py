@@ -3,6 +3,8 @@
     model = apply_adapters(model, AdapterConfig(method="teamlora", r=64, num_experts=4))
     with routing_context(token_groups=groups, token_mask=attention_mask.bool()):
         loss = model(**batch).loss + collect_aux_loss(model)
+    with generation_routing(model, prompt_groups, prompt_mask.bool(), new_token_groups=1):  # see routing.py
+        new_ids = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask)
     save_adapter(model, "out/")
 """
 
@@ -10,7 +12,8 @@ from .config import AdapterConfig
 from .inject import adapter_config, adapter_layers, apply_adapters, collect_aux_loss, find_targets, record_routing
 from .lora import AdapterLayer, LoRALinear
 from .routed import HydraLoRALinear, MoELoRALinear, RoutedAdapterLayer, balance_loss
-from .routing import RoutingInputs, RoutingRecord, checkpoint_context_fn, current_routing, routing_context
+from .routing import (RoutingInputs, RoutingRecord, checkpoint_context_fn, current_routing, generation_routing,
+                      routing_context)
 from .state import (ParameterReport, adapter_state_dict, load_adapter, merge_adapters, save_adapter,
                     trainable_parameter_report)
 from .teamlora import TeamLoRALinear
@@ -19,7 +22,7 @@ __all__ = [
     "AdapterConfig", "apply_adapters", "find_targets", "adapter_layers", "adapter_config",
     "save_adapter", "load_adapter", "adapter_state_dict", "merge_adapters",
     "trainable_parameter_report", "ParameterReport", "routing_context", "current_routing",
-    "checkpoint_context_fn", "RoutingInputs", "RoutingRecord", "collect_aux_loss", "record_routing",
+    "checkpoint_context_fn", "generation_routing", "RoutingInputs", "RoutingRecord", "collect_aux_loss", "record_routing",
     "balance_loss", "AdapterLayer", "LoRALinear", "MoELoRALinear", "HydraLoRALinear",
     "TeamLoRALinear", "RoutedAdapterLayer",
 ]

@@ -6,7 +6,8 @@ init so routing starts exactly as the paper's. Router maths runs in float32.
 
 After each forward a routed layer keeps its load-balancing loss (masked to real tokens):
     usage_e = mean over real tokens of w_e,   loss = mean_e (usage_e - mean_e' usage_e')^2
-and, inside `record_routing`, adds its probabilities and weights to the recorder.
+and, inside `record_routing`, adds its probabilities and weights to the recorder. For checkpoint
+replays it keeps the groups and mask it used (see adapters.routing), never the routing context.
 
 MoELoRA (Liu et al. 2023), as published: k independent rank-(r/k) LoRAs, `w = phi` (sums to 1),
     y = base(x) + (alpha / r) * sum_i w_i B_i A_i dropout(x).
@@ -20,6 +21,7 @@ published form, which also draws dropout per expert; fused and loop agree exactl
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -59,20 +61,53 @@ class RoutedAdapterLayer(AdapterLayer):
         self.group_bias = self._param(torch.zeros(config.num_token_groups, k)) if config.group_routing else None
         self.balance_loss: torch.Tensor | None = None
         self.recorder: LayerRoutingStats | None = None
-        self._last_routing = None  # routing inputs of the last ordinary forward, for replays
+        # groups and mask of the last forward, for a checkpoint replay: a weak reference to what
+        # that forward's autograd graph holds, or (no graph) the tensors until a replay uses them
+        self._replay: weakref.ref | _ReplayRouting | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups, mask, replay = self._routing_inputs(x)
+        out = self.routed_forward(x, groups, mask, replay)
+        if not replay:
+            self._keep_for_replay(out, groups, mask)
+        return out
+
+    def routed_forward(self, x: torch.Tensor, groups, mask, replay: bool) -> torch.Tensor:  # pragma: no cover
+        """The method's forward, given the (N,) groups and mask (or None) of x's N tokens."""
+        raise NotImplementedError
 
     def _routing_inputs(self, x: torch.Tensor):
         """(groups, mask, replay): groups and mask (N,) or None for the N tokens of x, and whether
-        this call is a checkpoint replay inside backward."""
+        this call is a checkpoint replay inside backward (where, without a context, the layer's
+        kept inputs serve)."""
         replay = in_backward()
         inputs = current_routing()
-        if inputs is None and replay:
-            inputs = self._last_routing  # checkpoint replay, maybe on another thread
-        elif not replay:
-            self._last_routing = inputs
-        if inputs is None:
-            return None, None, replay
-        return (*inputs.for_tokens(x.shape[:-1], x.device), replay)
+        if inputs is not None:
+            return (*inputs.for_tokens(x.shape[:-1], x.device), replay)
+        if replay:
+            kept = self._replay
+            if isinstance(kept, weakref.ref):
+                kept = kept()
+            elif kept is not None:
+                self._replay = None  # held without a graph: it serves the one replay of that forward
+            if kept is not None:
+                return kept.groups, kept.mask, replay
+        return None, None, replay
+
+    def _keep_for_replay(self, out: torch.Tensor, groups, mask) -> None:
+        """What a checkpoint replay of this forward needs without a context: attached to the
+        output's autograd node (it goes with the graph) and weakly referenced here; a training-mode
+        forward without a graph (reentrant checkpointing's first pass) holds it here."""
+        kept = None
+        if groups is not None or mask is not None:
+            if out.grad_fn is not None:
+                routing = _ReplayRouting(groups, mask)
+                out.grad_fn.metadata["mm_teamlora_routing"] = routing
+                kept = weakref.ref(routing)
+            elif self.training and not torch.is_inference_mode_enabled():
+                kept = _ReplayRouting(groups, mask)
+        if kept is not None or self._replay is not None:
+            self._replay = kept
 
     def router_probs(self, logits: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
         """phi = softmax(R x [+ g[group]]) in float32; logits (N, k)."""
@@ -81,10 +116,14 @@ class RoutedAdapterLayer(AdapterLayer):
             logits = logits + self.group_bias.float()[groups]
         return logits.softmax(-1)
 
-    def _observe(self, probs: torch.Tensor, weights: torch.Tensor, groups, mask, replay: bool) -> None:
-        """Keep the balance loss of this forward; feed the recorder. A checkpoint replay computes
-        the loss again (non-reentrant checkpointing checks that it saves the same tensors) but
-        keeps nothing."""
+    def _wants_weights(self) -> bool:
+        """Whether this forward's expert weights are observed: a balance loss under grad, or a recorder."""
+        return self.recorder is not None or (self.config.balance_weight > 0 and torch.is_grad_enabled())
+
+    def _observe(self, probs: torch.Tensor, weights: torch.Tensor | None, groups, mask, replay: bool) -> None:
+        """Keep the balance loss of this forward; feed the recorder (`weights` is None where
+        `_wants_weights` is False). A checkpoint replay computes the loss again (non-reentrant
+        checkpointing checks that it saves the same tensors) but keeps nothing."""
         wants_loss = self.config.balance_weight > 0
         if wants_loss and self.training and not torch.is_grad_enabled():
             _warn_once("balance loss not computed: a training-mode forward ran without grad. If this "
@@ -93,15 +132,15 @@ class RoutedAdapterLayer(AdapterLayer):
         loss = balance_loss(weights, mask) if wants_loss and torch.is_grad_enabled() else None
         if replay:
             return
-        self.balance_loss = loss
+        if loss is not None or self.balance_loss is not None:
+            self.balance_loss = loss
         if self.recorder is not None:
             self.recorder.add(probs.detach(), weights.detach(), groups, mask)
 
-    def _softmax_route(self, x: torch.Tensor):
+    def _softmax_route(self, x: torch.Tensor, groups, mask, replay: bool):
         """For methods whose expert weights are the router probabilities (MoELoRA, HydraLoRA):
         the base output, x in the adapter dtype, and phi (N, k), observed as the weights."""
         result = self.base_layer(x)
-        groups, mask, replay = self._routing_inputs(x)
         xa = x.to(self.lora_A.dtype)
         probs = self.router_probs(F.linear(xa, self.router).reshape(-1, self.num_experts), groups)
         self._observe(probs, probs, groups, mask, replay)
@@ -120,8 +159,8 @@ class MoELoRALinear(RoutedAdapterLayer):
         self.lora_A = self._param(kaiming_uniform((config.r, self.in_features), self.in_features, generator))
         self.lora_B = self._param(torch.zeros(self.out_features, config.r))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result, xa, probs = self._softmax_route(x)
+    def routed_forward(self, x: torch.Tensor, groups, mask, replay: bool) -> torch.Tensor:
+        result, xa, probs = self._softmax_route(x, groups, mask, replay)
         scale = (probs * self.scaling).to(xa.dtype).view(*x.shape[:-1], self.num_experts)
         if self.config.implementation == "loop":
             # the published structure: each expert is its own LoRA, with its own dropout draw,
@@ -148,8 +187,8 @@ class HydraLoRALinear(RoutedAdapterLayer):
         # [B_1 ... B_k] side by side: expert i owns columns i*r .. (i+1)*r
         self.lora_B = self._param(torch.zeros(self.out_features, self.num_experts * config.r))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result, xa, probs = self._softmax_route(x)
+    def routed_forward(self, x: torch.Tensor, groups, mask, replay: bool) -> torch.Tensor:
+        result, xa, probs = self._softmax_route(x, groups, mask, replay)
         z = F.linear(self._drop(xa), self.lora_A) * self.scaling
         scale = probs.to(z.dtype).view(*x.shape[:-1], self.num_experts)
         r = self.config.r
@@ -165,6 +204,15 @@ class HydraLoRALinear(RoutedAdapterLayer):
     def delta_weight(self, expert_weights) -> torch.Tensor:
         w = fixed_expert_weights(expert_weights, self.num_experts, self.lora_B.device).repeat_interleave(self.config.r)
         return self.scaling * (self.lora_B.float() * w) @ self.lora_A.float().repeat(self.num_experts, 1)
+
+
+class _ReplayRouting:
+    """The groups and mask a forward used, kept for its checkpoint replay."""
+
+    __slots__ = ("groups", "mask", "__weakref__")
+
+    def __init__(self, groups: torch.Tensor | None, mask: torch.Tensor | None):
+        self.groups, self.mask = groups, mask
 
 
 def fixed_expert_weights(expert_weights, k: int, device: torch.device) -> torch.Tensor:

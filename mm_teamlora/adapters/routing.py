@@ -1,27 +1,43 @@
 """How callers hand per-token routing inputs to every adapter layer, and how routing is recorded.
 
 `routing_context(token_groups, token_mask)` is the one channel: an integer group id per token and a
-mask of real (non-padding) tokens, visible to every adapter layer for the forwards run inside the
-`with` block. It is a `contextvars.ContextVar`, so it never leaks across threads or past the block.
+mask of real (non-padding) tokens, shaped like the (batch, seq) token grid of the forwards run
+inside the `with` block, visible to every adapter layer there (an input of another token grid is an
+error). It is a `contextvars.ContextVar`, so it never leaks across threads or past the block, and it
+carries nothing else.
 
-Gradient checkpointing replays a layer's forward during backward, usually after the block has
-closed and, on GPUs, on an autograd worker thread where the context variable is not visible. Each
-adapter layer therefore keeps the `RoutingInputs` of its last ordinary forward and uses them when
-it is replayed inside backward. That is exact for the usual forward -> backward order; to be exact
-for any order (several forwards before one backward), pass `checkpoint_context_fn` to
-`torch.utils.checkpoint` (for HF models: `activation_checkpointing_kwargs={"use_reentrant": False,
-"context_fn": checkpoint_context_fn}`), which re-enters the forward's context for the replay.
+Generation: `generation_routing(model, token_groups, token_mask, new_token_groups)`, around one
+`model.generate(...)` call, sets the routing inputs of every forward of `model` inside the block
+explicitly (a forward pre-hook, removed at exit), by these rules:
+- a prompt token takes its entry of `token_groups` / `token_mask` (shaped like the prompt);
+- rows that `generate` expands (beams, `num_return_sequences`: prompt row i becomes rows
+  i*n ... i*n + n - 1, as Hugging Face's `repeat_interleave` lays them out) take their source row's;
+- every generated token takes its row's entry of `new_token_groups` and counts as real.
+A forward's tokens follow the `cache.get_seq_length()` tokens its KV cache already holds (none
+without a cache), so prefill, decode steps, a chunked prefill and uncached generation all place
+their tokens exactly; nothing is inferred from tensor shapes.
+
+Gradient checkpointing replays a layer's forward during backward, after the block has closed and,
+on GPUs, maybe on an autograd worker thread where the context variable is not visible:
+- with `checkpoint_context_fn` as `torch.utils.checkpoint`'s `context_fn` (non-reentrant; for HF
+  models `activation_checkpointing_kwargs={"use_reentrant": False, "context_fn":
+  checkpoint_context_fn}`) the replay re-enters the forward's context: exact for any order of
+  forwards and backwards;
+- without it, each routed layer keeps the groups and mask (tensors, not the context object) its
+  last forward used: in that forward's autograd graph, so they go with the graph, or, for a
+  training-mode forward without grad (reentrant checkpointing's first pass), in the layer until the
+  replay that uses them. Exact for the usual forward -> backward order.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+from torch import nn
 
 _CURRENT: ContextVar["RoutingInputs | None"] = ContextVar("mm_teamlora_routing", default=None)
 
@@ -33,14 +49,10 @@ def in_backward() -> bool:
 
 @dataclass(eq=False)
 class RoutingInputs:
-    """Per-token routing inputs, shaped like the token grid (batch, seq) the caller runs."""
+    """Per-token routing inputs of one token grid (batch, seq): groups, mask, either may be None."""
 
     token_groups: torch.Tensor | None = None  # integer ids in [0, num_token_groups)
     token_mask: torch.Tensor | None = None  # True for real tokens, False for padding
-    # state an adapter layer keeps for the length of this context (key: the layer), e.g. the
-    # matrices of TeamLoRA's inference form; it goes when the context object does
-    layer_state: dict = field(default_factory=dict, repr=False)
-    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def shape(self) -> torch.Size:
@@ -48,48 +60,20 @@ class RoutingInputs:
         return ref.shape
 
     def for_tokens(self, lead_shape: torch.Size, device: torch.device):
-        """Groups and mask flattened to the N = prod(lead_shape) tokens of a layer's input.
-
-        A call shorter than the context (KV-cache decoding under a context set for the whole
-        prompt) gets, per row, the group of that row's last real token, and all its tokens count
-        as real: new tokens continue the sample the prompt started.
-        """
-        key = (tuple(lead_shape), device)
-        if key not in self._cache:
-            self._cache[key] = self._resolve(tuple(lead_shape), device)
-        return self._cache[key]
-
-    def _resolve(self, lead_shape: tuple, device: torch.device):
+        """Groups and mask, each (N,) or None, for the N tokens of a layer input whose leading
+        shape is the context's token grid (or that grid flattened)."""
+        shape = self.shape
+        if lead_shape != shape and not (len(lead_shape) == 1 and lead_shape[0] == shape.numel()):
+            raise ValueError(
+                f"routing_context was set for token grid {tuple(shape)} but an adapter layer got input "
+                f"with leading shape {tuple(lead_shape)}; pass token_groups/token_mask shaped like the "
+                f"model's (batch, seq) input (around `generate`, use generation_routing)")
         groups, mask = self.token_groups, self.token_mask
-        n = math.prod(lead_shape)
-        if tuple(self.shape) == lead_shape or (len(lead_shape) == 1 and self.shape.numel() == n):
-            flat = lambda t: None if t is None else t.reshape(-1).to(device)  # noqa: E731
-            return flat(groups), flat(mask)
-        ctx_batch, ctx_len = self.shape[0], self.shape[-1]
-        if len(lead_shape) == 2 and lead_shape[0] == ctx_batch and lead_shape[1] < ctx_len:
-            if groups is not None:
-                if mask is not None:
-                    positions = torch.arange(1, ctx_len + 1, device=mask.device)
-                    last = (mask.long() * positions).argmax(-1)
-                else:
-                    last = torch.full((ctx_batch,), ctx_len - 1, device=groups.device)
-                row_group = groups.gather(1, last[:, None].to(groups.device))
-                groups = row_group.expand(lead_shape).reshape(-1).to(device)
-            return groups, None
-        raise ValueError(
-            f"routing_context was set for token grid {tuple(self.shape)} but an adapter layer got "
-            f"input with leading shape {lead_shape}; pass token_groups/token_mask shaped like the "
-            f"model's (batch, seq) input"
-        )
+        return (None if groups is None else groups.reshape(-1).to(device),
+                None if mask is None else mask.reshape(-1).to(device))
 
 
-@contextlib.contextmanager
-def routing_context(
-    token_groups: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
-) -> Iterator[RoutingInputs]:
-    """Make `token_groups` (integer, (batch, seq)) and `token_mask` (bool, (batch, seq), True for
-    real tokens) visible to every adapter layer for the forwards inside the block. Nests: an inner
-    block overrides, and the outer one is back on exit. Nothing remains after the block."""
+def _checked(token_groups, token_mask) -> RoutingInputs | None:
     if token_groups is not None:
         if not isinstance(token_groups, torch.Tensor) or token_groups.dtype.is_floating_point or token_groups.dtype == torch.bool:
             raise TypeError(f"token_groups must be an integer tensor, got {_describe(token_groups)}")
@@ -104,7 +88,17 @@ def routing_context(
             token_mask = token_mask.bool()
     if token_groups is not None and token_mask is not None and token_groups.shape != token_mask.shape:
         raise ValueError(f"token_groups {tuple(token_groups.shape)} and token_mask {tuple(token_mask.shape)} differ in shape")
-    inputs = None if token_groups is None and token_mask is None else RoutingInputs(token_groups, token_mask)
+    return None if token_groups is None and token_mask is None else RoutingInputs(token_groups, token_mask)
+
+
+@contextlib.contextmanager
+def routing_context(
+    token_groups: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+) -> Iterator[RoutingInputs]:
+    """Make `token_groups` (integer, (batch, seq)) and `token_mask` (bool, (batch, seq), True for
+    real tokens) visible to every adapter layer for the forwards inside the block. Nests: an inner
+    block overrides, and the outer one is back on exit. Nothing remains after the block."""
+    inputs = _checked(token_groups, token_mask)
     with _entered(inputs):
         yield inputs
 
@@ -127,6 +121,89 @@ def checkpoint_context_fn():
     """`context_fn` for `torch.utils.checkpoint` (non-reentrant): the replay in backward runs
     inside the routing context that was active when the forward ran."""
     return contextlib.nullcontext(), _entered(_CURRENT.get())
+
+
+@contextlib.contextmanager
+def generation_routing(model: nn.Module, token_groups: torch.Tensor | None = None,
+                       token_mask: torch.Tensor | None = None,
+                       new_token_groups: torch.Tensor | int | None = None) -> Iterator[None]:
+    """Routing inputs for the forwards of one `model.generate(...)` call inside the block (see the
+    module doc for the rules): `token_groups` / `token_mask` (batch, prompt length) for the prompt,
+    `new_token_groups` (an int, or (batch,) integers) the group of each row's generated tokens,
+    required with `token_groups`. For decoder-only models called with `input_ids` or
+    `inputs_embeds`. The hooks are removed and nothing is kept when the block ends."""
+    prompt = _checked(token_groups, token_mask)
+    if prompt is not None and prompt.token_groups is not None:
+        if new_token_groups is None:
+            raise ValueError("generation_routing needs new_token_groups (the group of each row's generated tokens) "
+                             "when token_groups is given")
+        rows = prompt.shape[0]
+        new = torch.as_tensor(new_token_groups, device=prompt.token_groups.device)
+        new = _checked(new.expand(rows).reshape(rows, 1), None).token_groups
+    elif new_token_groups is not None:
+        raise ValueError("new_token_groups without token_groups: the prompt's tokens would have no group")
+    else:
+        new = None
+    routing = _GenerationRouting(prompt, new)
+    handles = [model.register_forward_pre_hook(routing.enter, with_kwargs=True),
+               model.register_forward_hook(routing.exit, always_call=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _GenerationRouting:
+    """The hooks of `generation_routing`: each forward of the model runs inside a routing context
+    built for its tokens, which ends with the forward."""
+
+    def __init__(self, prompt: RoutingInputs | None, new_groups: torch.Tensor | None):
+        self.prompt, self.new_groups = prompt, new_groups  # new_groups: (rows, 1)
+        self.tokens: list = []  # ContextVar tokens of the forwards running (a stack)
+
+    def enter(self, module, args, kwargs) -> None:
+        inputs = self._inputs_for(module, args, kwargs)
+        self.tokens.append(_CURRENT.set(inputs))
+
+    def exit(self, module, args, output) -> None:
+        if self.tokens:
+            _CURRENT.reset(self.tokens.pop())
+
+    def _inputs_for(self, module, args, kwargs) -> RoutingInputs | None:
+        if self.prompt is None:
+            return None
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs.get("inputs_embeds")
+        if tokens is None:
+            raise ValueError(f"generation_routing: a forward of {type(module).__name__} got neither input_ids nor "
+                             f"inputs_embeds")
+        batch, length = tokens.shape[:2]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        start = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        rows, prompt_length = self.prompt.shape
+        if batch % rows:
+            raise ValueError(f"generation_routing was set for {rows} prompt rows but a forward got {batch} rows, "
+                             f"not a whole number of copies of each")
+        stop = start + length
+        in_prompt, new = slice(min(start, prompt_length), min(stop, prompt_length)), stop - max(start, prompt_length)
+        groups, mask = self.prompt.token_groups, self.prompt.token_mask
+        if groups is not None:
+            groups = _joined(groups[:, in_prompt], self.new_groups.expand(rows, max(new, 0)))
+        if mask is not None:
+            mask = _joined(mask[:, in_prompt], torch.ones(rows, max(new, 0), dtype=torch.bool, device=mask.device))
+        if batch != rows:
+            copies = batch // rows
+            groups = None if groups is None else groups.repeat_interleave(copies, dim=0)
+            mask = None if mask is None else mask.repeat_interleave(copies, dim=0)
+        return RoutingInputs(groups, mask)
+
+
+def _joined(prompt_part: torch.Tensor, new_part: torch.Tensor) -> torch.Tensor:
+    if not new_part.shape[1]:
+        return prompt_part
+    return new_part if not prompt_part.shape[1] else torch.cat([prompt_part, new_part], dim=1)
 
 
 def _describe(value) -> str:

@@ -261,19 +261,25 @@ class MultimodalLM(nn.Module):
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_counts=None, image_features=None,
                  **kwargs) -> torch.Tensor:
         """Batched generation with left padding and KV cache; returns only the new token ids.
-        The routing context of the prompt also covers the decode steps, where each new token takes
-        its row's text group (see adapters.routing). Runs under `torch.inference_mode` (cheaper
-        small ops, which a decode step is made of) and returns an ordinary tensor, so the ids can
-        feed a training forward."""
+        Every forward of the language model gets its routing inputs explicitly (adapters'
+        `generation_routing`, for the length of this call): prompt tokens their groups and padding
+        mask, rows that `generate` expands (beams, `num_return_sequences`) their source row's, and
+        every new token its row's text group (text with image where the row holds an image, else
+        text only). Runs under `torch.inference_mode` (cheaper small ops, which a decode step is
+        made of) and returns an ordinary tensor, so the ids can feed a training forward."""
+        from ..adapters import generation_routing
+
         with torch.inference_mode():
             inputs = self.build_inputs(input_ids, attention_mask, None, pixel_values, image_counts,
                                        padding_side="left", image_features=image_features)
             if self.tokenizer is not None:
                 kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
                 kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-            with routing_context(inputs["token_groups"], inputs["attention_mask"].bool()):
-                new_ids = self.language_model.generate(inputs_embeds=inputs["inputs_embeds"],
-                                                       attention_mask=inputs["attention_mask"], **kwargs)
+            groups, mask = inputs["token_groups"], inputs["attention_mask"]
+            text_group = torch.where((groups == GROUP_IMAGE).any(1), GROUP_TEXT_WITH_IMAGE, GROUP_TEXT_ONLY)
+            with generation_routing(self.language_model, groups, mask.bool(), new_token_groups=text_group):
+                new_ids = self.language_model.generate(inputs_embeds=inputs["inputs_embeds"], attention_mask=mask,
+                                                       **kwargs)
         return new_ids.clone()
 
 
