@@ -215,6 +215,45 @@ def inspect_routing(model: str = "", data: str = "", out: str = "runs/routing", 
     return 0
 
 
+def train(config: str, overrides: list[str], resume: str = "", overwrite: bool = False, nproc: int = 1) -> int:
+    """Train a run config (YAML) with dotted KEY=VALUE overrides, on --nproc ranks of this node.
+
+    The run folder (`output_dir`) gets run_config.yaml, metrics.jsonl, tb/, loss_curve.png and
+    checkpoint-*/ folders that `mm-teamlora eval --model` loads. --resume auto continues the run
+    folder's latest checkpoint (or PATH's); --overwrite deletes a previous run there. --nproc N > 1
+    starts DeepSpeed's launcher (GPUs, or N CPU ranks); under a launcher of your own run
+    `python -m mm_teamlora.train` instead. Exits 2 on a bad run config, before anything starts."""
+    from .train import RunConfig, RunConfigError, train as train_run
+    from .train.launch import launch
+    from .train.progress import setup_logging
+
+    setup_logging()
+    try:
+        if nproc > 1:
+            return launch(config, overrides, nproc, resume=resume or None, overwrite=overwrite)
+        result = train_run(RunConfig.from_yaml(config, overrides), resume=resume or None, overwrite=overwrite)
+    except (RunConfigError, ValueError, FileNotFoundError) as e:
+        return _failure(e)
+    print(f"{'finished' if result.finished else 'stopped'} after {result.steps} of {result.total_steps} steps "
+          f"({result.tokens_per_s:.0f} tokens/s); checkpoint: {result.checkpoint}")
+    return 0
+
+
+def export(checkpoint: str, out: str = "", merge: bool = False, peft: bool = False) -> int:
+    """Write a checkpoint as a folder that stands on its own: its model files, --merge (LoRA folded
+    into a Hugging Face language model folder) or --peft (peft's LoRA layout)."""
+    from .train.export import export_checkpoint
+
+    if not out or (merge and peft):
+        return _fail("give --out DIR, and at most one of --merge / --peft", 2)
+    try:
+        folder = export_checkpoint(checkpoint, out, "merge" if merge else "peft" if peft else "copy")
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        return _failure(e)
+    print(f"exported {checkpoint} to {folder}")
+    return 0
+
+
 def _shard_from_env(shard: int, num_shards: int) -> tuple[int, int]:
     """`--num-shards 0`: one shard per process of a torchrun / deepspeed launch (RANK, WORLD_SIZE)."""
     if num_shards != 0:
@@ -248,13 +287,15 @@ def _failure(error: Exception) -> int:
 # a command is a typed function, or a group of them (`mm-teamlora data check ...`)
 COMMANDS: dict[str, Callable | dict[str, Callable]] = {
     "demo": demo, "chat": chat, "data": {"check": data_check, "demo": data_demo},
-    "eval": eval_, "eval-score": eval_score, "inspect-routing": inspect_routing,
+    "eval": eval_, "eval-score": eval_score, "inspect-routing": inspect_routing, "train": train, "export": export,
 }
 
 
 def _annotation(fn: Callable, name: str):
     hint = typing.get_type_hints(fn).get(name, str)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is list:
+        return hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)]  # X | None -> X
     return args[0] if args else hint
 
 
@@ -271,7 +312,9 @@ def _add_command(subparsers, name: str, fn: Callable | dict) -> None:
     for name, param in inspect.signature(fn).parameters.items():
         kind = _annotation(fn, name)
         flag = "--" + name.replace("_", "-")
-        if param.default is inspect.Parameter.empty:
+        if param.default is inspect.Parameter.empty and typing.get_origin(kind) is list:  # the trailing words
+            parser.add_argument(name, type=typing.get_args(kind)[0], nargs="*")
+        elif param.default is inspect.Parameter.empty:
             parser.add_argument(name, type=kind)
         elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default)
@@ -288,8 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(required=True, metavar="COMMAND")
     for name, fn in COMMANDS.items():
         _add_command(subparsers, name, fn)
-    args = vars(parser.parse_args(argv))
+    args, extra = parser.parse_known_args(argv)
+    args = vars(args)
     command = args.pop("_command")
+    # words after an option (`train RUN.yaml --nproc 2 optim.lr=1e-4`) join a command's trailing list
+    trailing = next((n for n, p in inspect.signature(command).parameters.items()
+                     if p.default is inspect.Parameter.empty and typing.get_origin(_annotation(command, n)) is list), None)
+    if extra and (trailing is None or any(word.startswith("-") for word in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args[trailing] = list(args[trailing]) + extra
     return command(**args) or 0
 
 

@@ -31,5 +31,6 @@ overrides=("output_dir=$OUTPUT_DIR" "deepspeed=2" "precision=fp32")
 [[ -n "${MINUTES:-}" ]] && overrides+=("optim.max_minutes=$MINUTES")
 
 export DS_ACCELERATOR=cpu
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}  # ranks share the cores
 run "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "$MASTER_PORT" \
   --module mm_teamlora.train "$RUN_CONFIG" "${overrides[@]}" "$@"

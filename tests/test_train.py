@@ -347,3 +347,19 @@ def test_export_copy_merge_and_peft_round_trip(tmp_path):
     assert not os.path.exists(tmp_path / "refused")
     with pytest.raises(FileExistsError):
         export_checkpoint(result.checkpoint, copy)
+
+
+def test_the_cli_trains_with_overrides_after_flags_and_exports(tmp_path, capsys):
+    from mm_teamlora.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config_dict(tmp_path)))
+    assert main(["train", str(path), "--overwrite", "optim.max_steps=1", f"output_dir={tmp_path / 'cli'}"]) == 0
+    assert "finished after 1 of 1 steps" in capsys.readouterr().out
+    assert main(["train", str(path), "optim.lr=fast"]) == 2
+    assert "optim.lr: must be a number, got 'fast'" in capsys.readouterr().err
+    folder = str(tmp_path / "cli" / "checkpoint-000001")
+    assert main(["export", folder, "--out", str(tmp_path / "merged"), "--merge"]) == 2
+    assert "cannot merge teamlora exactly" in capsys.readouterr().err
+    assert main(["export", folder, "--out", str(tmp_path / "copy")]) == 0
+    assert MultimodalLM.from_pretrained(str(tmp_path / "copy")).config.image_token_count == 16
