@@ -109,6 +109,15 @@ def test_bad_runs_fail_before_any_process_group(tmp_path, monkeypatch):
         train(run_config(tmp_path))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for CPUs")
+def test_bf16_on_a_cpu_warns_that_it_is_slow(tmp_path, caplog):
+    from mm_teamlora.train.run import preflight
+
+    with caplog.at_level("WARNING"):
+        preflight(run_config(tmp_path, precision="bf16"), 1, None, False)
+    assert "bf16 matmul is far slower than fp32" in caplog.text
+
+
 def test_zero_json_auto_values_are_filled_from_the_run(tmp_path):
     zero = tmp_path / "zero3.json"
     zero.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
@@ -288,9 +297,10 @@ def _train_in_a_process(path, output_dir, env=None, resume=False):
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_losses_and_tensors(tmp_path):
-    """Dropout on, data order seeded, 2 batches per epoch so epochs turn over during the run."""
+    """Dropout on, data order seeded, epochs turning over during the run, a DataLoader worker
+    fetching ahead of training."""
     path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config_dict(tmp_path, adapter={"dropout": 0.1}, save_steps=2,
+    path.write_text(yaml.safe_dump(config_dict(tmp_path, adapter={"dropout": 0.1}, save_steps=2, dataloader_workers=1,
                                                optim={"max_steps": 6, "warmup_ratio": 0.3})))
     full = _train_in_a_process(path, tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
