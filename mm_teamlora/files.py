@@ -1,6 +1,7 @@
 """Files written so that a reader never sees half of one, and where the package keeps its caches.
 
-The lowest room of the package (standard library only): every other room writes files through it.
+The lowest room of the package (the standard library, and PyYAML for `read_yaml`): every other room
+writes files through it.
 """
 
 from __future__ import annotations
@@ -56,6 +57,19 @@ def _umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
         return mask
+
+
+def read_yaml(path: str, what: str, error: type[Exception]):
+    """The YAML document at `path`; `error` names the file and the problem (`what` it was meant to be)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except OSError as e:
+        raise error(f"{path}: cannot read {what}: {e}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
 
 
 def is_complete(folder: str | os.PathLike) -> bool:

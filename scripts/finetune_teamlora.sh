@@ -31,12 +31,9 @@ MICRO_BATCH=${MICRO_BATCH:-16}
 PYTHON=${PYTHON:-python3}
 MASTER_PORT=${MASTER_PORT:-29500}
 
-if (( GLOBAL_BATCH % (MICRO_BATCH * NUM_GPUS) )); then
-  echo "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of MICRO_BATCH x NUM_GPUS = $((MICRO_BATCH * NUM_GPUS))" >&2
-  exit 2
-fi
+GRAD_ACCUM=$(accumulation_steps "$GLOBAL_BATCH" "$MICRO_BATCH" "$NUM_GPUS")
 run "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" \
   --module mm_teamlora.train data_configs/runs/llava_v1_5_teamlora.yaml \
   "model=$(realpath -m "$PRETRAIN_RUN")" "data=$DATA" "output_dir=$OUTPUT_DIR" "deepspeed=$(realpath -m "$ZERO")" \
   "adapter.r=$LORA_RANK" "adapter.num_experts=$NUM_EXPERTS" "optim.micro_batch_size=$MICRO_BATCH" \
-  "optim.grad_accum=$((GLOBAL_BATCH / (MICRO_BATCH * NUM_GPUS)))" "$@"
+  "optim.grad_accum=$GRAD_ACCUM" "$@"

@@ -7,6 +7,15 @@ usage_or_continue() {
   fi
 }
 
+# accumulation_steps GLOBAL MICRO GPUS: the gradient accumulation that makes the global batch, or exit 2
+accumulation_steps() {
+  if (( $1 % ($2 * $3) )); then
+    echo "GLOBAL_BATCH=$1 is not a multiple of MICRO_BATCH x NUM_GPUS = $(($2 * $3))" >&2
+    exit 2
+  fi
+  echo $(($1 / ($2 * $3)))
+}
+
 run() {
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
     printf '%q ' "$@"; echo

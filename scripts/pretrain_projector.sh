@@ -25,12 +25,9 @@ MICRO_BATCH=${MICRO_BATCH:-32}
 PYTHON=${PYTHON:-python3}
 MASTER_PORT=${MASTER_PORT:-29500}
 
-if (( GLOBAL_BATCH % (MICRO_BATCH * NUM_GPUS) )); then
-  echo "GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of MICRO_BATCH x NUM_GPUS = $((MICRO_BATCH * NUM_GPUS))" >&2
-  exit 2
-fi
+GRAD_ACCUM=$(accumulation_steps "$GLOBAL_BATCH" "$MICRO_BATCH" "$NUM_GPUS")
 run "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT" \
   --module mm_teamlora.train data_configs/runs/llava_v1_5_pretrain.yaml \
   "model.language_model=hf:$(realpath -m "$LM_PATH")" "model.vision.path=$(realpath -m "$VISION_PATH")" \
   "data=$DATA" "output_dir=$OUTPUT_DIR" "optim.micro_batch_size=$MICRO_BATCH" \
-  "optim.grad_accum=$((GLOBAL_BATCH / (MICRO_BATCH * NUM_GPUS)))" "$@"
+  "optim.grad_accum=$GRAD_ACCUM" "$@"

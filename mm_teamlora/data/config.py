@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import yaml
 
+from ..files import read_yaml
 from .errors import ConfigError
 from .images import ImageCheckConfig
 from .sources import FORMATS
@@ -172,13 +173,7 @@ class MixtureConfig:
 
     @classmethod
     def from_yaml(cls, path: str) -> "MixtureConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read the mixture: {e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        data = read_yaml(path, "the mixture", ConfigError)
         try:
             return cls.from_dict(data, base_dir=os.path.dirname(os.path.abspath(path)))
         except ConfigError as e:

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from ..adapters import AdapterConfig
+from ..files import read_yaml
 from ..model import MODEL_PRESETS
 
 STAGES = ("finetune", "pretrain_projector")
@@ -205,13 +206,7 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str, overrides: list[str] = ()) -> "RunConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except OSError as e:
-            raise RunConfigError(f"{path}: cannot read the run config: {e}") from None
-        except yaml.YAMLError as e:
-            raise RunConfigError(f"{path}: not valid YAML: {e}") from None
+        data = read_yaml(path, "the run config", RunConfigError)
         try:
             return cls.from_dict(data or {}, base_dir=os.path.dirname(os.path.abspath(path)), overrides=overrides)
         except (RunConfigError, ValueError) as e:
