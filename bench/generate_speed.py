@@ -9,27 +9,31 @@ per-repeat ratios. A shared machine drifts by +-5% between whole generations, so
 times single decode steps with the models taking turns step by step: the steadier ratio. A third
 counts the ops of one decode step with torch.profiler (the proxy for launch overhead on a GPU):
 every aten op, and the leaf ops that do work (views and other metadata ops left out).
+`--candidate` adds the rows of a candidate inference form (bench/inference_form_candidate.py).
 
-    .venv/bin/python bench/generate_speed.py [--repeats 5] [--batch 4] [--prompt 64] [--new 32] [--steps 100]
+    .venv/bin/python bench/generate_speed.py [--repeats 5] [--batch 4] [--prompt 64] [--new 32] [--steps 100] [--candidate]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
-import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop lines, before torch loads it
+import torch  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from mm_teamlora.adapters import AdapterConfig, apply_adapters, generation_routing, routing_context
+from mm_teamlora.adapters import AdapterConfig, apply_adapters, generation_routing, routing_context  # noqa: E402
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 RANK, ALPHA = 64, 32
 TEAM = "TeamLoRA k=4"
+CANDIDATE = "TeamLoRA, inference form"
 GROUP = 1  # every token's group, prompt and generated
 # ops that only make views or read metadata: no kernel of their own on a GPU
 METADATA_OPS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::unsqueeze", "aten::squeeze",
@@ -112,12 +116,18 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--steps", type=int, default=100, help="paired decode steps of the second table")
+    parser.add_argument("--candidate", action="store_true", help="add the candidate inference form's rows")
     args = parser.parse_args()
     torch.manual_seed(0)
     models = build_models(LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval().requires_grad_(False))
+    if args.candidate:
+        from inference_form_candidate import CandidateTeamLoRALinear, with_candidate
+
+        models[CANDIDATE] = with_candidate(copy.deepcopy(models[TEAM]))
+        assert sum(isinstance(m, CandidateTeamLoRALinear) for m in models[CANDIDATE].modules()) == 210
     ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch, args.prompt))
     modes = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}
-    runs = [("inference_mode", label) for label in ("frozen", "peft LoRA", "LoRA", TEAM) if label in models]
+    runs = [("inference_mode", label) for label in ("frozen", "peft LoRA", "LoRA", TEAM, CANDIDATE) if label in models]
     runs += [("no_grad", "LoRA"), ("no_grad", TEAM)]
 
     def run(mode: str, label: str) -> None:
@@ -143,20 +153,20 @@ def main() -> None:
              for (mode, label), ts in times.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, prompt {args.prompt}, "
           f"{args.new} new tokens, greedy, KV cache, fp32; {args.repeats} interleaved repeats")
-    print(f"{'grad mode':<15} {'model':<21} {'tokens/s':>9} {'[min - max]':>15} {'x LoRA':>7}")
+    print(f"{'grad mode':<15} {'model':<25} {'tokens/s':>9} {'[min - max]':>15} {'x LoRA':>7}")
     for (mode, label), t in times.items():
         spread = f"[{new_tokens / max(t):.1f} - {new_tokens / min(t):.1f}]"
-        print(f"{mode:<15} {label:<21} {speed[mode, label]:>9.1f} {spread:>15} {ratio[mode, label]:>7.3f}")
+        print(f"{mode:<15} {label:<25} {speed[mode, label]:>9.1f} {spread:>15} {ratio[mode, label]:>7.3f}")
 
-    step_models = {label: models[label] for label in ("frozen", "peft LoRA", "LoRA", TEAM) if label in models}
+    step_models = {label: models[label] for label in ("frozen", "peft LoRA", "LoRA", TEAM, CANDIDATE) if label in models}
     steps = decode_steps(step_models, ids, args.steps)
     step_ratio = {label: statistics.median(lo / t for lo, t in zip(steps["LoRA"], ts)) for label, ts in steps.items()}
     ops = {label: ops_per_decode_step(model, ids) for label, model in step_models.items()}
     print(f"\ndecode steps (inference_mode, cache of {args.prompt} tokens), {args.steps} turns, median; "
           f"ops of one step (torch.profiler)")
-    print(f"{'model':<21} {'ms/step':>8} {'x LoRA':>7} {'aten ops':>9} {'work ops':>9}")
+    print(f"{'model':<25} {'ms/step':>8} {'x LoRA':>7} {'aten ops':>9} {'work ops':>9}")
     for label, t in steps.items():
-        print(f"{label:<21} {statistics.median(t) * 1e3:>8.1f} {step_ratio[label]:>7.3f} {ops[label][0]:>9} {ops[label][1]:>9}")
+        print(f"{label:<25} {statistics.median(t) * 1e3:>8.1f} {step_ratio[label]:>7.3f} {ops[label][0]:>9} {ops[label][1]:>9}")
 
     team = ratio["inference_mode", TEAM]
     result = (f"RESULT teamlora_over_lora={team:.3f} "
@@ -164,6 +174,10 @@ def main() -> None:
               f"decode_step_teamlora_over_lora={step_ratio[TEAM]:.3f} "
               f"lora_over_frozen={1 / ratio['inference_mode', 'frozen']:.3f} "
               f"ops_per_step_teamlora={ops[TEAM][0]}/{ops[TEAM][1]} ops_per_step_lora={ops['LoRA'][0]}/{ops['LoRA'][1]}")
+    if CANDIDATE in models:
+        result += (f" candidate_over_lora={ratio['inference_mode', CANDIDATE]:.3f}"
+                   f" decode_step_candidate_over_lora={step_ratio[CANDIDATE]:.3f}"
+                   f" ops_per_step_candidate={ops[CANDIDATE][0]}/{ops[CANDIDATE][1]}")
     if "peft LoRA" in models:
         result += (f" teamlora_over_peft_lora={team / ratio['inference_mode', 'peft LoRA']:.3f}"
                    f" decode_step_teamlora_over_peft_lora={step_ratio[TEAM] / step_ratio['peft LoRA']:.3f}")

@@ -41,6 +41,12 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
+def as_float32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32; a float32 t as it is, without the dispatch of a no-op `.float()` (a decode
+    step runs every adapted layer on a handful of tokens, where dispatches cost more than maths)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def balance_loss(weights: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Spread of mean expert usage over the real tokens: weights (N, k), mask (N,) or None."""
     if mask is None:
@@ -111,9 +117,9 @@ class RoutedAdapterLayer(AdapterLayer):
 
     def router_probs(self, logits: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
         """phi = softmax(R x [+ g[group]]) in float32; logits (N, k)."""
-        logits = logits.float()
+        logits = as_float32(logits)
         if self.group_bias is not None and groups is not None:
-            logits = logits + self.group_bias.float()[groups]
+            logits = logits + as_float32(self.group_bias)[groups]
         return logits.softmax(-1)
 
     def _wants_weights(self) -> bool:

@@ -54,6 +54,10 @@ class RoutingInputs:
     token_groups: torch.Tensor | None = None  # integer ids in [0, num_token_groups)
     token_mask: torch.Tensor | None = None  # True for real tokens, False for padding
 
+    def __post_init__(self):
+        # both flattened once here, not in each of a forward's adapter layers
+        self._flat = tuple(None if t is None else t.reshape(-1) for t in (self.token_groups, self.token_mask))
+
     @property
     def shape(self) -> torch.Size:
         ref = self.token_groups if self.token_groups is not None else self.token_mask
@@ -68,9 +72,12 @@ class RoutingInputs:
                 f"routing_context was set for token grid {tuple(shape)} but an adapter layer got input "
                 f"with leading shape {tuple(lead_shape)}; pass token_groups/token_mask shaped like the "
                 f"model's (batch, seq) input (around `generate`, use generation_routing)")
-        groups, mask = self.token_groups, self.token_mask
-        return (None if groups is None else groups.reshape(-1).to(device),
-                None if mask is None else mask.reshape(-1).to(device))
+        groups, mask = self._flat
+        if groups is not None and groups.device != device:
+            groups = groups.to(device)
+        if mask is not None and mask.device != device:
+            mask = mask.to(device)
+        return groups, mask
 
 
 def _checked(token_groups, token_mask) -> RoutingInputs | None:

@@ -13,7 +13,8 @@ per-expert rank r_b = r / k and scaling s = alpha / r_b:
 
 With `competition` off, v = phi and w = k * phi. With every w_i = 1 the layer is exactly a rank-r
 LoRA with scaling alpha / r_b. Two forms compute this, in training, evaluation and generation alike:
-- `fused` (the default, what trains and runs): one GEMM for [A; R] and one for [B_1 ... B_k],
+- `fused` (the default, what trains and runs): one GEMM for A, the router's, and one for
+  [B_1 ... B_k], as the cost of one rank-r LoRA plus a d_in -> k router:
       sum_i w_i h_i = k s [B_1 ... B_k] dropout(A x * repeat_interleave(w / k, r_b)),
   with k s as the last GEMM's alpha (no low-precision tensor grows by it);
 - `loop` (`implementation="loop"`): the readable reference, the lines above with one matmul per
@@ -28,7 +29,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .lora import kaiming_uniform
-from .routed import RoutedAdapterLayer, fixed_expert_weights
+from .routed import RoutedAdapterLayer, as_float32, fixed_expert_weights
 
 L1_GUARD = 1e-6  # w = k v / max(|v|_1, L1_GUARD)
 
@@ -49,7 +50,7 @@ class TeamLoRALinear(RoutedAdapterLayer):
 
     def _shares(self, probs: torch.Tensor) -> torch.Tensor:
         """w / k = v / total from router probabilities phi (N, k), float32 (see module doc)."""
-        v = probs if self.competition is None else torch.addmm(probs, probs, self.competition.float())
+        v = probs if self.competition is None else torch.addmm(probs, probs, as_float32(self.competition))
         if self.config.competition_norm == "reference":
             return v / v.sum(-1, keepdim=True)
         return v / torch.linalg.vector_norm(v, ord=1, dim=-1, keepdim=True).clamp_min(L1_GUARD)
@@ -60,26 +61,25 @@ class TeamLoRALinear(RoutedAdapterLayer):
 
     def routed_forward(self, x: torch.Tensor, groups, mask, replay: bool) -> torch.Tensor:
         result = self.base_layer(x)
-        xa = x.to(self.lora_A.dtype)
-        r, k = self.config.r, self.num_experts
-        if self._fused:
-            z, logits = F.linear(xa, torch.cat([self.lora_A, self.router])).split([r, k], dim=-1)
-        else:
-            z, logits = F.linear(xa, self.lora_A), F.linear(xa, self.router)
+        xa = x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
+        k, r_b = self.num_experts, self.expert_rank
+        # two GEMMs, not one for [A; R]: concatenating A and R costs a copy of A per call
+        z, logits = F.linear(xa, self.lora_A), F.linear(xa, self.router)
         probs = self.router_probs(logits.reshape(-1, k), groups)
         shares = self._shares(probs)
         self._observe(probs, shares * k if self._wants_weights() else None, groups, mask, replay)
-        shares = shares.to(z.dtype).view(*x.shape[:-1], k)
+        if shares.dtype != z.dtype:
+            shares = shares.to(z.dtype)
         if not self._fused:
-            z = self.scaling * z
+            z = self.scaling * z.reshape(-1, k * r_b)
             for i in range(k):
-                cols = slice(i * self.expert_rank, (i + 1) * self.expert_rank)
-                h_i = F.linear(self._drop(z[..., cols]), self.lora_B[:, cols])
-                result = result + (k * shares[..., i : i + 1] * h_i).to(result.dtype)
+                cols = slice(i * r_b, (i + 1) * r_b)
+                h_i = F.linear(self._drop(z[:, cols]), self.lora_B[:, cols])
+                result = result + (k * shares[:, i : i + 1] * h_i).view_as(result).to(result.dtype)
             return result
         # w_i / k scales chunk i of A x (r_b columns); k s rides on the last GEMM
-        zw = self._drop(z).unflatten(-1, (k, self.expert_rank)) * shares.unsqueeze(-1)
-        return self._add_update(result, zw.flatten(-2), self.lora_B, alpha=k * self.scaling)
+        zw = self._drop(z).reshape(-1, k, r_b) * shares.unsqueeze(-1)
+        return self._add_update(result, zw.view(-1, k * r_b), self.lora_B, alpha=k * self.scaling)
 
     def delta_weight(self, expert_weights) -> torch.Tensor:
         """s * [B_1 ... B_k] diag(repeat_interleave(w, r_b)) A for fixed weights w (sum k = uniform ones)."""
