@@ -8,7 +8,8 @@ tokens) is the median over interleaved repeats, min-max in brackets; `x LoRA` is
 per-repeat ratios. A shared machine drifts by +-5% between whole generations, so a second table
 times single decode steps with the models taking turns step by step: the steadier ratio. A third
 counts the ops of one decode step with torch.profiler (the proxy for launch overhead on a GPU):
-every aten op, and the leaf ops that do work (views and other metadata ops left out).
+every aten op at every level, and the ops called from Python that do work ("work ops": views and
+other metadata ops left out).
 `--candidate` adds the rows of a candidate inference form (bench/inference_form_candidate.py).
 
     .venv/bin/python bench/generate_speed.py [--repeats 5] [--batch 4] [--prompt 64] [--new 32] [--steps 100] [--candidate]
@@ -18,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import time
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop lines, before torch loads it
-import torch  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from mm_teamlora.adapters import AdapterConfig, apply_adapters, generation_routing, routing_context  # noqa: E402
+from mm_teamlora.adapters import AdapterConfig, apply_adapters, generation_routing, routing_context
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -90,7 +89,8 @@ def decode_steps(models: dict, ids: torch.Tensor, steps: int) -> dict[str, list[
 
 
 def ops_per_decode_step(model: torch.nn.Module, ids: torch.Tensor) -> tuple[int, int]:
-    """(aten ops, leaf ops that are not views or metadata) of one KV-cache decode step."""
+    """(aten ops at every level, ops called from Python that are not views or metadata) of one
+    KV-cache decode step; the second is about the kernels a GPU would launch."""
     from torch.profiler import ProfilerActivity, profile
 
     with torch.inference_mode():
@@ -104,9 +104,8 @@ def ops_per_decode_step(model: torch.nn.Module, ids: torch.Tensor) -> tuple[int,
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 model(input_ids=token, cache=cache, use_cache=True)
     events = [e for e in prof.events() if e.name.startswith("aten::")]
-    work = [e for e in events if e.name not in METADATA_OPS
-            and not any(c.name.startswith("aten::") for c in e.cpu_children)]
-    return len(events), len(work)
+    called = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return len(events), sum(e.name not in METADATA_OPS for e in called)
 
 
 def main() -> None:
