@@ -167,3 +167,15 @@ def test_a_log_cut_inside_its_first_line_starts_afresh_and_shards_can_come_from_
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert _shard_from_env(0, 0) == (1, 3) and _shard_from_env(2, 4) == (2, 4)
+
+
+def test_limit_asks_the_first_questions_with_all_their_rotations(model, tmp_path):
+    full = evaluate(model, SMALL_TSV, str(tmp_path / "full"), EvalConfig(circular=True), progress=False)
+    part = evaluate(model, SMALL_TSV, str(tmp_path / "part"), EvalConfig(circular=True, limit=2), progress=False)
+    assert part.rows == 6 and part.report["overall"]["n"] == 2  # 4 + 2 rotations of the two lowest indices
+    _, whole = log_records(full.log)
+    meta, some = log_records(part.log)
+    assert meta["limit"] == 2 and {i: r["prediction"] for i, r in some.items()} == \
+        {i: whole[i]["prediction"] for i in some}
+    with pytest.raises(ValueError, match="limit"):
+        EvalConfig(limit=-1).validate()

@@ -90,3 +90,18 @@ def test_vanilla_rescoring_on_a_file_of_rotated_copies_uses_only_rotation_zero(t
     preds.write_text("index\tprediction\n1\tA\n")
     report = rescore([str(preds)], data, str(tmp_path / "out"))
     assert not report["circular_eval"] and report["overall"]["vanilla"] == 1.0 and report["missing"] == 0
+
+
+def test_wilson_interval_known_values_and_reports_carry_it():
+    from mm_teamlora.eval.scoring import wilson_interval
+
+    # textbook values (Wilson 1927; Newcombe 1998 table I): 0/10 -> [0, 0.2775], 5/10 -> [0.2366, 0.7634]
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-4)
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)
+    asked = [q(1, answer="A"), q(2, answer="B")]
+    report = score(asked, {1: "A", 2: "A"})
+    assert report["overall"]["vanilla_ci95"] == pytest.approx(wilson_interval(1, 2))
+    assert report["overall"]["circular_ci95"] is None  # not circular

@@ -55,12 +55,15 @@ class EvalConfig:
     shard: int = 0
     num_shards: int = 1
     image_cache_size: int = 64  # pictures whose features are kept
+    limit: int = 0  # ask only the N questions of lowest index (all their rotations); 0: all
 
     def validate(self) -> "EvalConfig":
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.image_cache_size < 1:
             raise ValueError("batch_size, max_new_tokens and image_cache_size must be positive")
+        if self.limit < 0:
+            raise ValueError(f"limit must be >= 0 (0: every question), got {self.limit}")
         if not 0 <= self.shard < self.num_shards:
             raise ValueError(f"need 0 <= shard < num_shards, got shard {self.shard} of {self.num_shards}")
         return self
@@ -185,8 +188,13 @@ def evaluate(model, data: MMBenchData | str, out_dir: str, config: EvalConfig | 
             "model": model_name, "model_files": _folder_stamp(model_name), "mode": config.mode,
             "circular": config.circular, "prompt": dataclasses.asdict(config.prompt), "shard": config.shard,
             "num_shards": config.num_shards,
-            "max_new_tokens": config.max_new_tokens if config.mode == "generate" else None}
-    asked = [q for q in data.asked(config.circular) if q.group % config.num_shards == config.shard]
+            "max_new_tokens": config.max_new_tokens if config.mode == "generate" else None,
+            **({"limit": config.limit} if config.limit else {})}
+    asked = data.asked(config.circular)
+    if config.limit:
+        first = set(list(dict.fromkeys(q.group for q in asked))[:config.limit])
+        asked = [q for q in asked if q.group in first]
+    asked = [q for q in asked if q.group % config.num_shards == config.shard]
     done = _open_log(log_path, meta, restart)
     todo = [q for q in asked if q.index not in done]
 

@@ -27,13 +27,28 @@ from .mmbench import MMBenchQuestion
 BUCKETS = (("by_split", "split"), ("by_l2_category", "l2_category"), ("by_category", "category"))
 
 
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% for z = 1.96): with p = k/n,
+    centre = (p + z^2/2n) / (1 + z^2/n), half-width = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
+    Unlike p +- z sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at k = 0."""
+    if n <= 0:
+        raise ValueError("wilson_interval needs n >= 1")
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5 / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _bucket(results: list[dict], circular: bool) -> dict:
     n = len(results)
     if n == 0:
-        return {"vanilla": None, "circular": None, "n": 0, "chance": None, "chance_circular": None}
-    mean = lambda key: sum(r[key] for r in results) / n  # noqa: E731
-    return {"vanilla": mean("vanilla"), "circular": mean("circular") if circular else None, "n": n,
-            "chance": mean("chance"), "chance_circular": mean("chance_circular")}
+        return {"vanilla": None, "circular": None, "n": 0, "chance": None, "chance_circular": None,
+                "vanilla_ci95": None, "circular_ci95": None}
+    total = lambda key: sum(r[key] for r in results)  # noqa: E731
+    return {"vanilla": total("vanilla") / n, "circular": total("circular") / n if circular else None, "n": n,
+            "chance": total("chance") / n, "chance_circular": total("chance_circular") / n,
+            "vanilla_ci95": list(wilson_interval(round(total("vanilla")), n)),  # lists: as JSON reads them back
+            "circular_ci95": list(wilson_interval(round(total("circular")), n)) if circular else None}
 
 
 def score(asked: list[MMBenchQuestion], predictions: dict[int, str | None]) -> dict:
