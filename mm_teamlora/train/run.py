@@ -221,13 +221,15 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
             trainer_state = {"step": step, "total_steps": total, "finished": step == total,
                              "stopped_by": "max_minutes" if stopped and step < total else None,
                              "sampler": stream.state_dict(), "train_loss": train_loss, "val_loss": val_loss,
-                             "seed": run.seed, "world_size": world}
+                             "seed": run.seed, "world_size": world,
+                             "sitting_seconds": round(time.perf_counter() - started, 2)}
             folder = checkpoint.save(engine, engine.module, run.output_dir, step, trainer_state, run.save_total_limit)
             last_save = time.perf_counter()
             if rank == 0:
                 atomic_write_text(os.path.join(run.output_dir, RUN_STATE), json.dumps(
                     {"finished": step == total, "step": step, "total_steps": total,
-                     "checkpoint": os.path.basename(folder)}, indent=1) + "\n")
+                     "checkpoint": os.path.basename(folder), "sitting_tokens": sitting_tokens,
+                     "sitting_seconds": round(time.perf_counter() - started, 2)}, indent=1) + "\n")
                 bar.write(f"saved {folder}")
         if kill_at and step == kill_at:
             os.killpg(os.getpgid(0), 9)  # the whole launch: launcher and every rank

@@ -1,0 +1,257 @@
+"""`mm-teamlora demo`, the main job: fine-tune the embedded default with TeamLoRA under DeepSpeed
+on the demo data and show what it learned.
+
+Phases (each timed, each skipped when its output is already there and still valid):
+1. data: `data demo` into `data_dir` (train.json, val.tsv, eval.tsv, demo.yaml);
+2. model: the run's model (`smollm2-dinov2-small`, converted and cached on first use);
+3. eval before: the untuned model (fresh projector, no adapters) on eval.tsv, likelihood + CircularEval;
+4. train: `data_configs/runs/demo_<method>.yaml` through the `train` room on `nproc` CPU ranks
+   (ZeRO-2), `optim.max_minutes` = `minutes`; a previous run folder is moved aside, never deleted;
+5. eval after: the final checkpoint the same way; then the routing report (`inspect-routing`) on
+   eval.tsv with its heatmaps (routed methods only).
+The recipe logs its progress and returns a `DemoResult`; `format_table` is what the CLI prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS_DIR = os.path.join(REPO_ROOT, "data_configs", "runs")
+METHODS = ("teamlora", "lora", "moelora", "hydralora")
+ROUTED = ("teamlora", "moelora", "hydralora")
+DEFAULT_MINUTES = 30.0
+logger = logging.getLogger(__name__)
+
+
+class DemoError(RuntimeError):
+    """A phase of the demo failed; the message says which and where its log is."""
+
+
+@dataclass
+class DemoConfig:
+    minutes: float = DEFAULT_MINUTES  # bound on training time (the run's planned steps end sooner on a fast machine)
+    method: str = "teamlora"  # teamlora | lora | moelora | hydralora (data_configs/runs/demo_<method>.yaml)
+    out: str = "runs/demo"
+    data_dir: str = "runs/demo-data"
+    eval_limit: int = 0  # evaluate on the first N questions (0: all)
+    skip_eval: bool = False
+    nproc: int = 2  # CPU ranks (or GPUs) of the training launch
+    routing_samples: int = 0  # eval questions recorded for the routing report (0: as many as evaluated)
+    config: str = ""  # a run YAML of your own (a copy of data_configs/runs/demo_<method>.yaml); "": that file
+    overrides: list[str] = field(default_factory=list)  # dotted KEY=VALUE run-config overrides, as `train` takes
+
+    def validate(self) -> "DemoConfig":
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.minutes <= 0 or self.eval_limit < 0 or self.nproc < 1 or self.routing_samples < 0:
+            raise ValueError("--minutes must be > 0, --eval-limit and --routing-samples >= 0, --nproc >= 1")
+        return self
+
+    @property
+    def run_config(self) -> str:
+        return self.config or os.path.join(RUNS_DIR, f"demo_{self.method}.yaml")
+
+
+@dataclass
+class DemoResult:
+    out: str
+    run_dir: str
+    checkpoint: str
+    seconds: dict[str, float] = field(default_factory=dict)  # phase -> wall time
+    before: dict | None = None  # eval report of the untuned model
+    after: dict | None = None  # eval report of the tuned checkpoint
+    routing: dict | None = None  # routing.json content
+    run_state: dict = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+@contextmanager
+def _phase(result: DemoResult, name: str):
+    logger.info("== %s", name)
+    start = time.perf_counter()
+    yield
+    result.seconds[name] = round(time.perf_counter() - start, 1)
+    logger.info("== %s done in %.0f s", name, result.seconds[name])
+
+
+def ensure_data(data_dir: str) -> dict:
+    """The demo data's info (demo_info.json), building it first when it is missing or incomplete."""
+    from .data.demo import build_demo_data
+
+    info_path = os.path.join(data_dir, "demo_info.json")
+    if os.path.isfile(info_path):
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        if info.get("val") and all(os.path.isfile(info[k]) for k in ("train", "eval", "val", "config")):
+            logger.info("demo data: reusing %s", data_dir)
+            return info
+        logger.info("demo data in %s predates the validation split or is incomplete: rebuilding", data_dir)
+        import shutil
+
+        shutil.rmtree(data_dir)
+    return build_demo_data(data_dir)
+
+
+def _evaluate(model, data: str, out_dir: str, limit: int, name: str) -> dict:
+    from .eval import EvalConfig, evaluate
+
+    config = EvalConfig(mode="likelihood", circular=True, limit=limit)
+    return evaluate(model, data, out_dir, config, model_name=name).report
+
+
+def _move_aside(run_dir: str) -> None:
+    if not os.path.exists(run_dir):
+        return
+    n = 1
+    while os.path.exists(f"{run_dir}.previous-{n}"):
+        n += 1
+    os.rename(run_dir, f"{run_dir}.previous-{n}")
+    logger.info("a previous run in %s was moved to %s.previous-%d (delete it when done with it)", run_dir,
+                run_dir, n)
+
+
+def run_demo(config: DemoConfig) -> DemoResult:
+    """Run the main job; see the module doc. Raises DemoError when training fails."""
+    import torch
+
+    from .model import MultimodalLM
+    from .train import RunConfig
+    from .train.checkpoint import latest
+    from .train.engine import model_config
+    from .train.launch import launch
+
+    config.validate()
+    out = config.out
+    os.makedirs(out, exist_ok=True)
+    overrides = [f"data={os.path.join(config.data_dir, 'demo.yaml')}", f"optim.max_minutes={config.minutes:g}",
+                 *config.overrides]
+    method = RunConfig.from_yaml(config.run_config, overrides).adapter.method
+    run_dir = os.path.join(out, method)
+    overrides.append(f"output_dir={run_dir}")
+    result = DemoResult(out=out, run_dir=run_dir, checkpoint="")
+    with _phase(result, "data"):
+        info = ensure_data(config.data_dir)
+    run = RunConfig.from_yaml(config.run_config, overrides)
+    result.paths.update(data=config.data_dir, eval_data=info["eval"], val_data=info["val"],
+                        run_config=config.run_config)
+    if not config.skip_eval:
+        with _phase(result, "model"):
+            base_config, _ = model_config(run)
+            torch.manual_seed(run.seed)  # the untuned projector is the one training starts from
+            model = MultimodalLM.from_config(base_config)
+        with _phase(result, "eval before"):
+            result.paths["eval_before"] = os.path.join(out, "eval-before")
+            result.before = _evaluate(model, info["eval"], result.paths["eval_before"], config.eval_limit, "untuned")
+        del model
+    with _phase(result, "train"):
+        _move_aside(run_dir)
+        if config.nproc > 1:
+            code = launch(config.run_config, overrides, config.nproc)
+        else:
+            from .train import train
+
+            code = 0 if train(run).checkpoint else 1
+        if code != 0:
+            raise DemoError(f"training exited with code {code}; its log is above, its run folder {run_dir}")
+        result.checkpoint = latest(run_dir) or ""
+        if not result.checkpoint:
+            raise DemoError(f"training wrote no checkpoint into {run_dir}")
+        with open(os.path.join(run_dir, "run_state.json"), encoding="utf-8") as f:
+            result.run_state = json.load(f)
+    result.paths.update(run=run_dir, checkpoint=result.checkpoint)
+    if config.skip_eval:
+        return result
+    with _phase(result, "eval after"):
+        model = MultimodalLM.from_pretrained(result.checkpoint)
+        result.paths["eval_after"] = os.path.join(out, "eval-after")
+        result.after = _evaluate(model, info["eval"], result.paths["eval_after"], config.eval_limit,
+                                 result.checkpoint)
+    if method in ROUTED:
+        from .eval import inspect_routing
+
+        with _phase(result, "routing"):
+            result.paths["routing"] = os.path.join(out, "routing")
+            samples = config.routing_samples or config.eval_limit
+            result.routing = inspect_routing(model, info["eval"], result.paths["routing"], max_samples=samples,
+                                             model_name=result.checkpoint, progress=True)
+    return result
+
+
+def _percent_ci(bucket: dict, key: str) -> str:
+    low, high = bucket[f"{key}_ci95"]
+    return f"{100 * bucket[key]:5.1f}% [{100 * low:4.1f}, {100 * high:4.1f}]"
+
+
+def passes_bar(before: dict, after: dict) -> dict:
+    """The demo's bar (issue 16): the tuned circular accuracy's 95% Wilson lower bound above the
+    untuned circular accuracy and above circular chance, and vanilla accuracy up >= 15 points."""
+    b, a = before["overall"], after["overall"]
+    checks = {"circular_lower_bound_above_untuned": a["circular_ci95"][0] > b["circular"],
+              "circular_lower_bound_above_chance": a["circular_ci95"][0] > a["chance_circular"],
+              "vanilla_gain_15_points": a["vanilla"] - b["vanilla"] >= 0.15}
+    return {**checks, "passed": all(checks.values())}
+
+
+def format_table(result: DemoResult) -> str:
+    """The demo's summary: accuracy before / after with chance and 95% intervals, per category,
+    training throughput, routing separation per layer, phase times and where everything is."""
+    lines = []
+    if result.before and result.after:
+        b, a = result.before, result.after
+        n = a["overall"]["n"]
+        lines += [f"MMBench-style eval ({n} questions, likelihood; CircularEval asks every rotation of the options)",
+                  f"  {'':10} {'vanilla [95% CI]':24} {'circular [95% CI]'}",
+                  f"  {'chance':10} {100 * a['overall']['chance']:5.1f}%{'':18} "
+                  f"{100 * a['overall']['chance_circular']:5.1f}%",
+                  *(f"  {name:10} {_percent_ci(r['overall'], 'vanilla'):24} {_percent_ci(r['overall'], 'circular')}"
+                    for name, r in (("untuned", b), ("tuned", a))),
+                  "  by category (vanilla / circular, untuned -> tuned):"]
+        for category, tuned in a["by_category"].items():
+            untuned = b["by_category"].get(category)
+            if untuned:
+                lines.append(f"    {category:20} n={tuned['n']:<4} {100 * untuned['vanilla']:5.1f}% -> "
+                             f"{100 * tuned['vanilla']:5.1f}%   {100 * untuned['circular']:5.1f}% -> "
+                             f"{100 * tuned['circular']:5.1f}%")
+        bar = passes_bar(b, a)
+        lines.append(f"  bar (circular lower bound > untuned and > chance; vanilla +15 points): "
+                     f"{'passed' if bar['passed'] else 'not passed'}")
+    state = result.run_state
+    if state:
+        rate = state.get("sitting_tokens", 0) / max(state.get("sitting_seconds", 0) or 1e-9, 1e-9)
+        lines.append(f"training: {state['step']} of {state['total_steps']} steps, {rate:.0f} tokens/s "
+                     f"(all ranks, saves included){'' if state['finished'] else ', stopped by --minutes'}")
+    if result.routing:
+        lines += _routing_lines(result.routing)
+    lines.append("phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+                 + f"; total {sum(result.seconds.values()) / 60:.1f} min")
+    lines += [f"  {k:12} {v}" for k, v in result.paths.items()]
+    return "\n".join(lines)
+
+
+def _routing_lines(routing: dict) -> list[str]:
+    """The headline separation per transformer block (mean over the block's adapted layers)."""
+    layers, head = routing.get("layers") or {}, routing.get("separation") or {}
+    by_block: dict[str, list[float]] = {}
+    for name, entry in layers.items():
+        js = entry["separation"].get("headline_js_bits")
+        if js is not None:
+            by_block.setdefault(_block(name), []).append(js)
+    if not by_block:
+        return []
+    out = [f"routing: {head['headline'].replace('_', ' ')} separation per block (JS divergence of mean router "
+           f"distributions, bits, mean over the block's layers; all layers {head['mean_headline_js_bits']:.3f}):"]
+    cells = [f"{block:>3}: {sum(v) / len(v):.3f}" for block, v in by_block.items()]
+    out += ["  " + "  ".join(cells[i:i + 8]) for i in range(0, len(cells), 8)]
+    return out
+
+
+def _block(name: str) -> str:
+    """The block number in a module name (`model.layers.3.self_attn.q_proj` -> `3`), else the name."""
+    numbers = [p for p in name.split(".") if p.isdigit()]
+    return numbers[-1] if numbers else name

@@ -1,0 +1,77 @@
+"""The main job's recipe (`mm-teamlora demo`) end to end on the tiny model, in one process: the real
+one (the embedded default, 2 CPU ranks) runs in `.ci/run` as a short `--minutes 1` job."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from mm_teamlora.demo import DemoConfig, format_table, passes_bar, run_demo
+from mm_teamlora.data.demo import build_demo_data
+from mm_teamlora.model import MultimodalLM
+from test_data_demo import fake_assets
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MM_TEAMLORA_CACHE", str(tmp_path / "cache"))
+
+
+def tiny_run(tmp_path, **optim) -> str:
+    path = tmp_path / "demo_tiny.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": "tiny-random", "data": "unused.yaml", "output_dir": "unused",
+        "adapter": {"method": "teamlora", "r": 8, "num_experts": 4, "group_routing": True, "dropout": 0.0},
+        "optim": {"lr": 1e-2, "micro_batch_size": 4, "max_steps": 3, **optim}, "deepspeed": 2,
+        "tensorboard": False, "log_steps": 1}))
+    return str(path)
+
+
+def test_demo_builds_data_evaluates_trains_evaluates_and_reports(tmp_path):
+    data_dir = str(tmp_path / "data")
+    build_demo_data(data_dir, train_size=240, eval_size=24, val_size=16, assets=fake_assets(tmp_path))
+    train_json_mtime = os.path.getmtime(os.path.join(data_dir, "train.json"))
+    config = DemoConfig(minutes=5, out=str(tmp_path / "out"), data_dir=data_dir, eval_limit=6, nproc=1,
+                        config=tiny_run(tmp_path))
+    result = run_demo(config)
+    # the untuned and the tuned model were scored on the same first 6 questions, every rotation
+    assert result.before["overall"]["n"] == result.after["overall"]["n"] == 6
+    assert result.before["circular_eval"] and result.after["rows_asked"] == result.before["rows_asked"]
+    for key in ("eval_before", "eval_after", "routing"):
+        assert os.path.isfile(os.path.join(result.paths[key], "report.json" if key != "routing" else "routing.json"))
+    assert result.routing["samples"] == 6 and result.routing["plots"]
+    # the checkpoint is the run's last and loads on its own
+    assert result.run_state["finished"] and result.run_state["step"] == 3
+    assert os.path.basename(result.checkpoint) == "checkpoint-000003"
+    MultimodalLM.from_pretrained(result.checkpoint)
+    assert set(result.seconds) == {"data", "model", "eval before", "train", "eval after", "routing"}
+    table = format_table(result)
+    for needle in ("untuned", "tuned", "chance", "by category", "tokens/s", "phases:", result.checkpoint,
+                   "routing: image vs text only separation per block"):
+        assert needle in table
+    # a second run reuses the data and keeps the first run's folder, moved aside
+    again = run_demo(DemoConfig(minutes=5, out=str(tmp_path / "out"), data_dir=data_dir, nproc=1, skip_eval=True,
+                                config=tiny_run(tmp_path)))
+    assert os.path.getmtime(os.path.join(data_dir, "train.json")) == train_json_mtime
+    assert os.path.isfile(os.path.join(result.run_dir + ".previous-1", "run_state.json"))
+    assert again.before is None and again.after is None and os.path.isdir(again.checkpoint)
+
+
+def test_demo_refuses_bad_arguments_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="--method"):
+        run_demo(DemoConfig(method="dora", out=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="--minutes"):
+        run_demo(DemoConfig(minutes=0, out=str(tmp_path / "o")))
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_the_bar_uses_the_circular_lower_bound_and_chance():
+    def report(vanilla, circular, n=300, low=None):
+        return {"overall": {"vanilla": vanilla, "circular": circular, "chance_circular": 0.0039, "n": n,
+                            "circular_ci95": [circular if low is None else low, 1.0]}}
+
+    assert passes_bar(report(0.25, 0.0), report(0.45, 0.05, low=0.03))["passed"]
+    assert not passes_bar(report(0.25, 0.0), report(0.35, 0.05, low=0.03))["passed"]  # +10 points only
+    assert not passes_bar(report(0.25, 0.0), report(0.45, 0.01, low=0.002))["passed"]  # bound under chance
+    assert not passes_bar(report(0.25, 0.04), report(0.45, 0.05, low=0.03))["passed"]  # bound under untuned
