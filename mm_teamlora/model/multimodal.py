@@ -18,6 +18,7 @@ import functools
 import inspect
 import json
 import os
+import sys
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -52,12 +53,16 @@ class SupervisedLoss(ModelOutput):
 
 
 @functools.cache
-def _forward_parameters(model_class: type) -> frozenset:
-    return frozenset(inspect.signature(model_class.forward).parameters)
-
-
-def _takes_logits_to_keep(model: nn.Module) -> bool:
-    return "logits_to_keep" in _forward_parameters(type(model))
+def _takes_boolean_logits_to_keep(model_class: type) -> bool:
+    """Whether `model_class.forward` accepts a boolean (batch, seq) `logits_to_keep`: it takes the
+    argument and the module that defines it slices with transformers' `slice_logits_to_keep`
+    (transformers >= 5.21, which added boolean masks; older models index
+    `hidden_states[:, logits_to_keep, :]`, which fails on a 2-D mask). Other models get every
+    position's logits, then the kept ones: the same result, without the saving."""
+    if "logits_to_keep" not in inspect.signature(model_class.forward).parameters:
+        return False
+    owner = next(k for k in model_class.__mro__ if "forward" in vars(k))
+    return hasattr(sys.modules.get(owner.__module__), "slice_logits_to_keep")
 
 
 class MultimodalLM(nn.Module):
@@ -245,10 +250,10 @@ class MultimodalLM(nn.Module):
         keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         targets = labels[:, 1:][keep[:, :-1]]
         with routing_context(inputs["token_groups"], mask.bool()):
-            if _takes_logits_to_keep(self.language_model):
+            if _takes_boolean_logits_to_keep(type(self.language_model)):
                 logits = self.language_model(inputs_embeds=inputs["inputs_embeds"], attention_mask=mask,
                                              logits_to_keep=keep, **kwargs).logits
-            else:  # a model without the argument: every position's logits, then the kept ones
+            else:  # a model without (boolean) logits_to_keep: every position's logits, then the kept ones
                 logits = self.language_model(inputs_embeds=inputs["inputs_embeds"], attention_mask=mask,
                                              **kwargs).logits[keep]
         token_loss = nn.functional.cross_entropy(logits.float(), targets, reduction="none")
