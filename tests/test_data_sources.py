@@ -9,7 +9,7 @@ import pytest
 from fixtures.data.helpers import (build, config, llava, make_bomb_png, make_image, make_truncated, rows,
                                    tokenizer, write_json, write_jsonl)
 from mm_teamlora.constants import IMAGE_PLACEHOLDER_ID
-from mm_teamlora.data import REASONS, DataError
+from mm_teamlora.data import REASONS, DataError, build_mixture
 
 
 def turns(*pairs):
@@ -57,6 +57,19 @@ RECORD_CASES = [
     ("decompression_bomb", llava("bad", image="bomb.png"), "image_too_large", "bomb.png"),
     ("one_pixel", llava("bad", image="dot.png"), "image_too_small", "1x1"),
     ("extreme_aspect", llava("bad", image="wide.png"), "image_extreme_aspect_ratio", "400x8"),
+    # text no library should see: lone surrogates (json decodes "\\ud800" happily), control characters
+    ("lone_surrogate", llava("bad", question="what is \ud800 this?"), "invalid_text", "turn 0: '\\ud800'"),
+    ("surrogate_in_answer", llava("bad", answer="red \udfff"), "invalid_text", "surrogate"),
+    ("surrogate_in_image_path", llava("bad", image="go\ud83dod.png"), "invalid_text", "image path"),
+    ("nul_in_question", llava("bad", question="a\x00b"), "control_characters", "turn 0: '\\x00' at character 1"),
+    ("esc_in_answer", llava("bad", answer="\x1b[31mred"), "control_characters", "turn 1: '\\x1b'"),
+    ("bel_in_question", llava("bad", question="ding\x07"), "control_characters", "'\\x07'"),
+    ("nul_in_image_path", llava("bad", image="good\x00.png"), "control_characters", "image path"),
+    # only images are supported: other modalities are named, never dropped silently
+    ("videos_field", llava("bad", question="<video>What happens?", videos=["clip.mp4"]), "unsupported_modality",
+     "'videos' field"),
+    ("video_placeholder", llava("bad", question="<video>What happens?"), "unsupported_modality", "turn 0: <video>"),
+    ("audios_field", llava("bad", audios=["a.wav"]), "unsupported_modality", "'audios' field"),
 ]
 
 
@@ -220,3 +233,103 @@ def test_bad_records_do_not_hide_each_other(tmp_path, image_root):
     report = build(config([source], on_error="skip")).reports[0]
     assert report.kept == 1 and report.records == len(RECORD_CASES) + 1
     assert report.skipped == Counter(reason for _, _, reason, _ in RECORD_CASES)
+
+
+def test_tab_newline_and_carriage_return_are_kept(tmp_path):
+    _, source = _source(tmp_path, [llava("a", question="col1\tcol2\r\nnext", answer="x\ny")])
+    assert [r["id"] for r in rows(build(config([source])))] == ["a"]
+
+
+def test_id_with_a_lone_surrogate(tmp_path):
+    path, source = _source(tmp_path, [llava("ok-0"), llava("b\ud800d"), llava("ok-2")])
+    with pytest.raises(DataError) as info:
+        build(config([source]))
+    assert (info.value.reason, info.value.index, info.value.file) == ("invalid_text", 1, path)
+    assert "id: '\\ud800'" in str(info.value)
+    mixture = build(config([source], on_error="skip"))
+    assert mixture.reports[0].skipped == {"invalid_text": 1}
+    assert sorted(r["id"] for r in rows(mixture)) == ["ok-0", "ok-2"]
+
+
+class _PickyTokenizer:
+    """The test tokenizer, failing (as a fast tokenizer does on a lone surrogate) on any text
+    holding `kaboom`; counts its batched calls."""
+
+    def __init__(self):
+        self._inner, self.batched_calls = tokenizer(), 0
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __call__(self, text, **kwargs):
+        texts = [text] if isinstance(text, str) else text
+        if len(texts) > 1:
+            self.batched_calls += 1
+        if any("kaboom" in t for t in texts):
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]")
+        return self._inner(text, **kwargs)
+
+
+def test_a_text_the_tokenizer_rejects_fails_only_its_record(tmp_path):
+    """The batch call fails; each record is then tokenised alone: the bad one is `invalid_text`,
+    its neighbours in the same batch load, and clean batches stay one call."""
+    path, source = _source(tmp_path, [llava("ok-0"), llava("bad", question="kaboom?"), llava("ok-2")])
+    with pytest.raises(DataError) as info:
+        build_mixture(config([source]), _PickyTokenizer(), use_cache=False)
+    error = info.value
+    assert (error.reason, error.index, error.file, error.record_id) == ("invalid_text", 1, path, "bad")
+    assert "record 1" in str(error) and "TypeError" in str(error)
+    mixture = build_mixture(config([source], on_error="skip"), _PickyTokenizer(), use_cache=False)
+    assert mixture.reports[0].skipped == {"invalid_text": 1}
+    assert mixture.reports[0].examples["invalid_text"][0]["index"] == 1
+    assert sorted(r["id"] for r in rows(mixture)) == ["ok-0", "ok-2"]
+    clean = _PickyTokenizer()
+    _, good = _source(tmp_path, [llava(f"g{i}") for i in range(5)], name="good.json")
+    assert build_mixture(config([good]), clean, use_cache=False).reports[0].kept == 5
+    assert clean.batched_calls == 1
+
+
+def test_a_jsonl_line_json_cannot_parse_fails_only_its_record(tmp_path):
+    """json raises RecursionError on deep nesting and ValueError past Python's integer digit
+    limit, not JSONDecodeError: both are `invalid_json` for that line alone."""
+    deep, big = b"[" * 100_000 + b"]" * 100_000, b'{"id": ' + b"9" * 5000 + b"}"
+    path = write_jsonl(tmp_path / "d.jsonl", [llava("a"), deep, llava("c"), big, llava("e")])
+    with pytest.raises(DataError) as info:
+        build(config([{"path": path}]))
+    assert (info.value.reason, info.value.line, info.value.index) == ("invalid_json", 2, 1)
+    assert "RecursionError" in str(info.value)
+    mixture = build(config([{"path": path}], on_error="skip", shuffle=False))
+    assert mixture.reports[0].skipped == {"invalid_json": 2}
+    assert [e["line"] for e in mixture.reports[0].examples["invalid_json"]] == [2, 4]
+    assert [r["id"] for r in rows(mixture)] == ["a", "c", "e"]
+    array = tmp_path / "deep.json"
+    array.write_bytes(b"[" + deep + b"]")
+    with pytest.raises(DataError, match="invalid_json: RecursionError"):
+        build(config([{"path": str(array)}], on_error="skip"))
+
+
+def test_a_pil_error_other_than_oserror_fails_only_its_image(tmp_path, image_root, monkeypatch):
+    """PIL plugins raise ValueError, struct.error, ... on odd header bytes: `image_corrupt` for
+    the records of that image, the others load."""
+    import struct
+
+    from PIL import Image
+
+    real_open = Image.open
+
+    def picky_open(path, *args, **kwargs):
+        if str(path).endswith("odd.png"):
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return real_open(path, *args, **kwargs)
+
+    make_image(image_root / "odd.png")
+    monkeypatch.setattr(Image, "open", picky_open)
+    path, source = _source(tmp_path, [llava("ok-0", image="good.png"), llava("bad", image="odd.png"),
+                                      llava("ok-2", image="good.png")], image_root)
+    with pytest.raises(DataError) as info:
+        build(config([source]))
+    assert (info.value.reason, info.value.index, info.value.record_id) == ("image_corrupt", 1, "bad")
+    assert "odd.png: error: unpack requires" in str(info.value)
+    mixture = build(config([source], on_error="skip"))
+    assert mixture.reports[0].skipped == {"image_corrupt": 1}
+    assert sorted(r["id"] for r in rows(mixture)) == ["ok-0", "ok-2"]

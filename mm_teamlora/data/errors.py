@@ -19,6 +19,9 @@ REASONS = {
     "invalid_json": "not valid JSON (JSONL line or whole JSON file)",
     "invalid_utf8": "bytes that are not UTF-8",
     "not_an_object": "a record that is not a JSON object",
+    "invalid_text": "a string that cannot be encoded (a lone UTF-16 surrogate) or that the tokenizer rejects",
+    "control_characters": "a control character (NUL, BEL, ESC, ...; not tab, newline, CR) in a text, id or path",
+    "unsupported_modality": "videos or audios (a field, or <video> / <audio> in a turn): only images are supported",
     # record structure
     "bad_id": "id that is not a non-empty string or an integer",
     "duplicate_id": "id already used by an earlier record of the same file",
@@ -59,6 +62,7 @@ REASONS = {
     "too_few_options": "fewer than two options",
     "option_gap": "an empty option cell before a filled one (letters must run A, B, C, ...)",
     "answer_not_an_option": "an answer that is not the letter of one of the row's options",
+    "missing_answer": "a row of the dev split without an answer (test-split rows may lack one)",
     "image_not_decodable": "an image cell that is not base64 of an image PIL can open",
     "image_reference_missing": "an image cell naming a row index the file does not hold (or a loop)",
 }

@@ -81,6 +81,8 @@ def _open(path: str) -> Image.Image:
             raise RecordProblem("image_not_an_image", f"{path}: PIL cannot identify it") from None
         except OSError as e:
             raise RecordProblem("image_corrupt", f"{path}: {e}") from None
+        except Exception as e:  # a PIL plugin failing on odd header bytes (ValueError, struct.error, ...)
+            raise RecordProblem("image_corrupt", f"{path}: {type(e).__name__}: {e}") from None
 
 
 def _check_size(path: str, size: tuple[int, int], config: ImageCheckConfig) -> None:
@@ -128,6 +130,8 @@ def check_images(paths: list[str], config: ImageCheckConfig) -> dict[str, Record
             check_image(path, config)
         except RecordProblem as problem:
             return problem
+        except Exception as e:  # any other library error fails this image alone, not the whole source
+            return RecordProblem("image_corrupt", f"{path}: {type(e).__name__}: {e}")
         return None
 
     if not paths:
@@ -165,8 +169,8 @@ def load_image(path: str, config: ImageCheckConfig | None = None) -> Image.Image
         try:
             opened.load()
             image = ImageOps.exif_transpose(opened)  # a copy: closing `opened` does not free it
-        except OSError as e:
-            raise RecordProblem("image_corrupt", f"{path}: {e}") from None
+        except Exception as e:  # OSError for truncated data; plugins raise others on odd bytes
+            raise RecordProblem("image_corrupt", f"{path}: {type(e).__name__}: {e}") from None
     return to_rgb(image)
 
 

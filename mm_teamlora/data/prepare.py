@@ -40,7 +40,7 @@ from .sources import detect_format, parse_record, read_records, reported_id
 from .templates import ConversationTemplate, sequence_length, tokenizer_fingerprint, truncate_tail
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when a change here changes what is written
+CACHE_VERSION = 2  # bump when a change here changes what is written
 BATCH = 512
 DATA_FILE, REPORT_FILE = "data.arrow", "report.json"
 FEATURES = datasets.Features({

@@ -16,11 +16,18 @@ Every conversation leaves here with roles `system` (first only), then `user`/`as
 alternating, starting with the user and ending with the assistant; contents stripped of leading and
 trailing whitespace; exactly one `<image>` per image. Images given with no `<image>` at all get
 `<image>\\n` per image prepended to the first user turn, as LLaVA does (noted in the report).
+
+Text is checked before anything reaches a library: every turn, id and image path must encode as
+UTF-8 (`json` decodes a lone surrogate such as `"\\ud800"` without complaint; tokenizers and Arrow
+do not: `invalid_text`) and hold no control character other than tab, newline and carriage return
+(`control_characters`). Only images are supported: a `videos` / `audios` field (LLaMA-Factory's
+video and audio demos) or a `<video>` / `<audio>` placeholder in a turn is `unsupported_modality`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -29,6 +36,10 @@ from .errors import DataError, RecordProblem
 
 FORMATS = ("auto", "llava", "alpaca", "messages")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# C0 controls and DEL, except tab, newline and carriage return
+CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+UNSUPPORTED_FIELDS = ("videos", "video", "audios", "audio")
+UNSUPPORTED_PLACEHOLDERS = ("<video>", "<audio>")
 
 
 @dataclass
@@ -79,6 +90,8 @@ def _read_json_array(path: str, max_records: int | None) -> Iterator[RawRecord]:
         records = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(path, "invalid_json", f"{e.msg} at column {e.colno}", line=e.lineno) from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(path, "invalid_json", f"{type(e).__name__}: {e}") from None
     if not isinstance(records, list):
         raise DataError(path, "invalid_json", f"expected a JSON array of records, got {type(records).__name__}")
     for i, value in enumerate(records[:max_records] if max_records is not None else records):
@@ -100,6 +113,8 @@ def _read_jsonl(path: str, max_records: int | None) -> Iterator[RawRecord]:
                     "invalid_utf8", f"byte {e.start} of the line ({raw[e.start:e.start + 1]!r})"))
             except json.JSONDecodeError as e:
                 yield RawRecord(index, line_no, problem=RecordProblem("invalid_json", f"{e.msg} at column {e.colno}"))
+            except (ValueError, RecursionError) as e:  # nesting too deep, an integer over Python's digit limit
+                yield RawRecord(index, line_no, problem=RecordProblem("invalid_json", f"{type(e).__name__}: {e}"))
             index += 1
 
 
@@ -133,7 +148,21 @@ def record_id(record: dict) -> str | None:
     rid = record["id"]
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and not rid.strip()):
         raise RecordProblem("bad_id", f"id {rid!r}")
-    return str(rid)
+    return check_text(str(rid), "id")
+
+
+def check_text(text: str, where: str) -> str:
+    """`text` when it encodes as UTF-8 and holds no control character but tab, newline and CR;
+    else raise `RecordProblem` (`invalid_text`, `control_characters`) naming `where` and the position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordProblem("invalid_text", f"{where}: {text[e.start]!r} at character {e.start} "
+                                            f"({e.reason}: a lone UTF-16 surrogate)") from None
+    bad = CONTROL_CHARACTERS.search(text)
+    if bad is not None:
+        raise RecordProblem("control_characters", f"{where}: {bad.group()!r} at character {bad.start()}")
+    return text
 
 
 def reported_id(record: object) -> str | None:
@@ -152,6 +181,9 @@ def parse_record(record: object, fmt: str, index: int) -> Conversation:
     if not isinstance(record, dict):
         raise RecordProblem("not_an_object", f"got {type(record).__name__}")
     rid = record_id(record)
+    for key in UNSUPPORTED_FIELDS:
+        if record.get(key) not in (None, [], ""):
+            raise RecordProblem("unsupported_modality", f"{key!r} field: only images are supported")
     if fmt == "llava":
         messages, images = _from_llava(record)
     elif fmt == "messages":
@@ -261,8 +293,14 @@ def _from_alpaca(record: dict) -> tuple[list[dict], list[str]]:
 def check_conversation(conv: Conversation) -> None:
     """Strip contents, check roles, order, emptiness and `<image>` counts (see the module doc)."""
     messages = conv.messages
-    for m in messages:
+    for t, m in enumerate(messages):
+        check_text(m["content"], f"turn {t}")
+        for placeholder in UNSUPPORTED_PLACEHOLDERS:
+            if placeholder in m["content"]:
+                raise RecordProblem("unsupported_modality", f"turn {t}: {placeholder} (only images are supported)")
         m["content"] = m["content"].strip()
+    for path in conv.images:
+        check_text(path, f"image path {path!r:.60}")
     if messages[0]["role"] == "system":
         messages = messages[1:]
         if not messages:

@@ -168,15 +168,26 @@ class ConversationTemplate:
     # tokenising ------------------------------------------------------------------------------
     def encode(self, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]] | RecordProblem]:
         """(input_ids, labels) per conversation, or the `RecordProblem` that stopped it. All text
-        pieces of the batch go to the tokenizer in one call (fast tokenizers run it in parallel)."""
+        pieces of the batch go to the tokenizer in one call (fast tokenizers run it in parallel);
+        when that call fails, each conversation is tokenised alone, so one text the tokenizer
+        rejects fails only its own record (`invalid_text`)."""
         rendered = []
         for messages in conversations:
             try:
                 rendered.append(self.render(messages))
             except RecordProblem as problem:
                 rendered.append(problem)
-        return encode_pieces([r for r in rendered if not isinstance(r, RecordProblem)], self.tokenizer,
-                             self.prefix_ids, problems=rendered)
+        try:
+            return encode_pieces([r for r in rendered if not isinstance(r, RecordProblem)], self.tokenizer,
+                                 self.prefix_ids, problems=rendered)
+        except Exception:  # a tokenizer error on one text of the batch: find it, one record at a time
+            return [r if isinstance(r, RecordProblem) else self._encode_alone(r) for r in rendered]
+
+    def _encode_alone(self, pieces: list[Piece]) -> tuple[list[int], list[int]] | RecordProblem:
+        try:
+            return encode_pieces([pieces], self.tokenizer, self.prefix_ids)[0]
+        except Exception as e:  # tokenizers raise TypeError, ValueError, ... on text they cannot take
+            return RecordProblem("invalid_text", f"the tokenizer fails on it: {type(e).__name__}: {e}"[:300])
 
     def encode_prompt(self, messages: list[dict]) -> list[int]:
         """Token ids of a generation prompt (messages ending with the user), tokenised exactly as in
