@@ -94,3 +94,27 @@ def test_undecodable_picture_referenced_by_another_row_fails_both(tmp_path):
     data = read_mmbench(write_tsv(tmp_path / "bad.tsv", rows), on_error="skip")
     assert [q.index for q in data.questions] == [3]
     assert data.report.skipped == {"image_not_decodable": 2}
+
+
+def test_a_dev_row_without_answer_is_rejected_and_a_test_row_is_unlabelled(tmp_path):
+    rows = [question(1), question(2, answer=""), question(3, answer="nan"),  # dev rows: answers required
+            question(4, answer="", split="test"), question(5, answer="", split=""), question(6)]
+    path = write_tsv(tmp_path / "answers.tsv", rows)
+    with pytest.raises(DataError) as err:
+        read_mmbench(path)
+    assert (err.value.reason, err.value.index, err.value.line, err.value.record_id) == ("missing_answer", 1, 3, "2")
+    assert "answers.tsv" in str(err.value) and "dev" in str(err.value)
+    data = read_mmbench(path, on_error="skip")
+    assert data.report.skipped == {"missing_answer": 2}
+    assert [e["id"] for e in data.report.examples["missing_answer"]] == ["2", "3"]
+    assert {q.index: q.answer for q in data.questions} == {1: "A", 4: None, 5: None, 6: "A"}
+    assert data.report.records == len(rows) and data.report.kept == 4
+
+
+def test_an_empty_image_cell_is_a_text_only_question_and_counted(tmp_path):
+    rows = [question(1), question(2, image=""), question(3, image="nan"), question(4)]
+    data = read_mmbench(write_tsv(tmp_path / "text.tsv", rows))
+    assert data.report.kept == 4 and not data.report.skipped
+    assert data.text_only == 2 and [q.index for q in data.questions if q.image_key is None] == [2, 3]
+    assert not prompt_text(data.questions[1]).startswith("<image>")
+    assert prompt_text(data.questions[0]).startswith("<image>\n")

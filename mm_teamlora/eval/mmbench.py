@@ -4,7 +4,12 @@ Layout (the official one, as VLMEvalKit writes it): `index`, `question`, `hint`,
 `A`..`I` (an empty cell, or pandas' `nan`, means fewer options), `answer` (absent on test splits),
 `category`, `l2-category`, `split`, `image`. `image` holds a base64-encoded picture, or a short
 integer naming another row's `index` whose picture it reuses. `source`, `comment` and unknown
-columns are ignored. An empty `image` cell makes a text-only question.
+columns are ignored.
+
+Two rules for cells left empty: an empty `image` cell makes a text-only question, asked without
+`<image>` (the demo's own eval set holds some; `MMBenchData.text_only` counts them); an empty
+`answer` is legitimate only outside the dev split (test splits are unlabelled, and such questions
+are asked but not scored), so a row whose `split` is `dev` without an answer is `missing_answer`.
 
 Malformed rows (the MMBench section of `data.errors.REASONS`) go through the training data's error
 policy: under `raise` the first one stops with a `DataError` naming file, row, line, index and
@@ -93,6 +98,11 @@ class MMBenchData:
     @cached_property
     def has_rotated_copies(self) -> bool:
         return any(q.rotation > 0 for q in self.questions)
+
+    @property
+    def text_only(self) -> int:
+        """Questions asked without a picture (an empty `image` cell)."""
+        return sum(1 for q in self.questions if q.image_key is None)
 
     @property
     def has_answers(self) -> bool:
@@ -189,7 +199,9 @@ def _question(row: dict, index: int, row_no: int, pictures: "_Pictures") -> MMBe
     if question is None:
         raise RecordProblem("missing_question", "empty question cell")
     options = _options(row)
-    answer = _cell(row, "answer")
+    answer, split = _cell(row, "answer"), _cell(row, "split") or ""
+    if answer is None and split.lower() == "dev":
+        raise RecordProblem("missing_answer", "empty answer cell in a dev-split row (only test splits may lack answers)")
     if answer is not None:
         answer = answer.upper()
         if answer not in OPTION_LETTERS[:len(options)]:
@@ -197,7 +209,7 @@ def _question(row: dict, index: int, row_no: int, pictures: "_Pictures") -> MMBe
     return MMBenchQuestion(
         index=index, question=question, options=options, answer=answer, hint=_cell(row, "hint"),
         category=_cell(row, "category") or "", l2_category=_cell(row, "l2-category") or "",
-        split=_cell(row, "split") or "", image_key=pictures.key(index), row=row_no)
+        split=split, image_key=pictures.key(index), row=row_no)
 
 
 def _options(row: dict) -> tuple[str, ...]:
