@@ -3,11 +3,15 @@
 Every record the pipeline drops is dropped for a named reason and counted; nothing disappears
 silently. Under `on_error: raise` the first problem stops the run with a `DataError` naming the
 file, the record (index, line where known, id) and the reason; under `on_error: skip` the record is
-counted by reason in its source's `SourceReport`, with the first few examples kept for debugging.
+counted by reason in its source's `SourceReport`, with the first few examples kept for the summary
+and every dropped record listed in `SourceReport.rejected` (`write_rejected` writes them as JSONL:
+`rejected.jsonl` beside `data_report.json`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -73,6 +77,7 @@ NOTES = {
     "truncated_images_dropped": "truncation removed at least one image of the record",
 }
 EXAMPLES_PER_REASON = 3
+REJECTED_FILE = "rejected.jsonl"
 
 
 class ConfigError(ValueError):
@@ -118,19 +123,40 @@ class SourceReport:
     skipped: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)  # reason -> first few DataError dicts
+    rejected: list = field(default_factory=list)  # every dropped record's DataError dict, in order
     sampled: int | None = None  # records drawn by the mixture (None before sampling)
     cache_hit: bool = False
 
-    def to_dict(self) -> dict:
-        return {"name": self.name, "path": self.path, "records": self.records, "kept": self.kept,
-                "skipped": dict(sorted(self.skipped.items())), "notes": dict(sorted(self.notes.items())),
-                "examples": self.examples, "sampled": self.sampled, "cache_hit": self.cache_hit}
+    def to_dict(self, rejected: bool = False) -> dict:
+        """The counts and examples; with `rejected`, also the full list (the cache keeps it; the
+        data report leaves it to `rejected.jsonl`)."""
+        d = {"name": self.name, "path": self.path, "records": self.records, "kept": self.kept,
+             "skipped": dict(sorted(self.skipped.items())), "notes": dict(sorted(self.notes.items())),
+             "examples": self.examples, "sampled": self.sampled, "cache_hit": self.cache_hit}
+        if rejected:
+            d["rejected"] = self.rejected
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SourceReport":
         return cls(name=d["name"], path=d["path"], records=d["records"], kept=d["kept"],
                    skipped=Counter(d["skipped"]), notes=Counter(d["notes"]), examples=d["examples"],
-                   sampled=d.get("sampled"), cache_hit=d.get("cache_hit", False))
+                   rejected=d.get("rejected", []), sampled=d.get("sampled"), cache_hit=d.get("cache_hit", False))
+
+
+def write_rejected(reports: list[SourceReport], path: str) -> str:
+    """Every dropped record of `reports`, one JSON object a line: `source` (the source's name),
+    `file`, `index` (0-based position in the file), `line` (JSONL and TSV only, else null), `id`,
+    `reason`, `detail`, in file order per source (the pipeline finds them stage by stage). Written
+    whole (an empty file when nothing was dropped)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for report in reports:
+            for error in sorted(report.rejected, key=lambda e: -1 if e["index"] is None else e["index"]):
+                f.write(json.dumps({"source": report.name, **error}) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 class ErrorPolicy:
@@ -149,6 +175,7 @@ class ErrorPolicy:
     def drop(self, error: DataError) -> None:
         """Count a dropped record without raising (the length policy, which the user chose)."""
         self.report.skipped[error.reason] += 1
+        self.report.rejected.append(error.to_dict())
         examples = self.report.examples.setdefault(error.reason, [])
         if len(examples) < EXAMPLES_PER_REASON:
             examples.append(error.to_dict())

@@ -3,7 +3,8 @@
 `build_mixture` prepares every source (cached), draws each source's share (see `config.py` for
 weights and repeats), logs the per-source counts before and after sampling with the skip reasons
 (`format_report`; logger `mm_teamlora.data.mixture`, level INFO), and writes them to
-`<report_dir>/data_report.json` when a run folder is given. The order is a pure function of the
+`<report_dir>/data_report.json` when a run folder is given, with every dropped record (file,
+position, line, id, reason, detail) in `<report_dir>/rejected.jsonl` beside it. The order is a pure function of the
 config (seed included), so two runs see the same records in the same order.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..files import cache_root
 from .config import MixtureConfig
-from .errors import NOTES, ConfigError, SourceReport
+from .errors import NOTES, REJECTED_FILE, ConfigError, SourceReport, write_rejected
 from .prepare import PreparedSource, prepare_source
 from .templates import ConversationTemplate
 
@@ -104,6 +105,7 @@ def build_mixture(config: MixtureConfig, tokenizer, cache_dir: str | None = None
     logger.info("%s", format_report(mixture.reports, title=f"mixture {config.name!r}"))
     if report_dir is not None:
         write_report(mixture.report_dict(), report_dir)
+        write_rejected(mixture.reports, os.path.join(report_dir, REJECTED_FILE))
     return mixture
 
 

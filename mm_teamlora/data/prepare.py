@@ -40,7 +40,7 @@ from .sources import detect_format, parse_record, read_records, reported_id
 from .templates import ConversationTemplate, sequence_length, tokenizer_fingerprint, truncate_tail
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 2  # bump when a change here changes what is written
+CACHE_VERSION = 3  # bump when a change here changes what is written
 BATCH = 512
 DATA_FILE, REPORT_FILE = "data.arrow", "report.json"
 FEATURES = datasets.Features({
@@ -99,7 +99,7 @@ def prepare_source(source: SourceConfig, mixture: MixtureConfig, tokenizer,
         with atomic_folder(folder) as work:
             report = _build(source, mixture, template, os.path.join(work, DATA_FILE))
             with open(os.path.join(work, REPORT_FILE), "w", encoding="utf-8") as f:
-                json.dump(report.to_dict(), f, indent=1)
+                json.dump(report.to_dict(rejected=True), f, indent=1)
         data = datasets.Dataset.from_file(os.path.join(folder, DATA_FILE))
     logger.info("source %s: %d of %d records in %.1fs", source.name, report.kept, report.records,
                 time.perf_counter() - start)
