@@ -120,7 +120,13 @@ def train(run: RunConfig, resume: str | None = None, overwrite: bool = False) ->
     if resume == "auto" and resume_from is None:
         logger.info("--resume auto: no checkpoint in %s, starting afresh", run_dir)
 
+    # a preset converts into this machine's cache on first use: one rank per machine builds it first
+    first_on_machine = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if not first_on_machine:
+        torch.distributed.barrier()
     model = build_model(run)
+    if first_on_machine:
+        torch.distributed.barrier()
     if rank == 0:
         atomic_write_text(os.path.join(run_dir, RUN_CONFIG), run.to_yaml())
         if run.stage == "finetune":

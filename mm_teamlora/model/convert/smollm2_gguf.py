@@ -12,6 +12,7 @@ import importlib.util
 import os
 
 from ...files import atomic_folder, cache_root, is_complete
+from . import save_hf_model
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_NAME = "smollm2-135m-instruct-q4_1"
@@ -49,6 +50,6 @@ def cached_smollm2(cache_dir: str | None = None) -> str:
     model.load_state_dict(dequantised.state_dict(), strict=True)
     model.generation_config = dequantised.generation_config
     with atomic_folder(folder) as tmp:
-        model.save_pretrained(tmp)
+        save_hf_model(model, tmp)
         tokenizer.save_pretrained(tmp)
     return folder
