@@ -187,7 +187,17 @@ def eval_(model: str = "", data: str = "", mode: str = "likelihood", circular: b
               f"--predictions <each shard's .tsv> --data {data} --out DIR")
     else:
         print(f"MMBench {mode}{' CircularEval' if circular else ''} {summary_line(result.report)}; reports in {out}")
+        _print_skipped(result.report, out)
     return 0
+
+
+def _print_skipped(report: dict, out: str) -> None:
+    """One line for the rows an eval skipped (on_error skip); the full list is out/rejected.jsonl."""
+    skipped = report.get("skipped_rows") or {}
+    if skipped:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items())
+        print(f"skipped {sum(skipped.values())} of {report['rows_read']} rows ({reasons}); every one listed in "
+              f"{os.path.join(out, report['rejected'])}")
 
 
 def eval_score(predictions: list[str] | None = None, data: str = "", out: str = "runs/eval-score",
@@ -207,6 +217,7 @@ def eval_score(predictions: list[str] | None = None, data: str = "", out: str = 
     except (DataError, ValueError, FileNotFoundError, KeyError) as e:
         return _failure(e)
     print(f"MMBench {'CircularEval ' if report['circular_eval'] else ''}{summary_line(report)}; reports in {out}")
+    _print_skipped(report, out)
     return 0
 
 

@@ -15,6 +15,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..files import atomic_write_text
+
 # reason code -> what it means (the codes are stable: reports and tests refer to them)
 REASONS = {
     # file and line level
@@ -145,17 +147,15 @@ class SourceReport:
 
 
 def write_rejected(reports: list[SourceReport], path: str) -> str:
-    """Every dropped record of `reports`, one JSON object a line: `source` (the source's name),
-    `file`, `index` (0-based position in the file), `line` (JSONL and TSV only, else null), `id`,
-    `reason`, `detail`, in file order per source (the pipeline finds them stage by stage). Written
-    whole (an empty file when nothing was dropped)."""
+    """Every dropped record (or MMBench row) of `reports`, one JSON object a line: `source` (the
+    source's name), `file`, `index` (0-based position in the file), `line` (JSONL and TSV only, else
+    null), `id`, `reason`, `detail`, in file order per source (the pipeline finds them stage by
+    stage). Written whole and atomically (an empty file when nothing was dropped); `data check`,
+    `train` (the run folder), `eval`, `eval-score` and `inspect-routing` all write it this way."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for report in reports:
-            for error in sorted(report.rejected, key=lambda e: -1 if e["index"] is None else e["index"]):
-                f.write(json.dumps({"source": report.name, **error}) + "\n")
-    os.replace(tmp, path)
+    lines = [json.dumps({"source": report.name, **error}) + "\n" for report in reports
+             for error in sorted(report.rejected, key=lambda e: -1 if e["index"] is None else e["index"])]
+    atomic_write_text(path, "".join(lines))
     return path
 
 

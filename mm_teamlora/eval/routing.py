@@ -28,6 +28,7 @@ from ..adapters import record_routing
 from ..constants import GROUP_IMAGE, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE, IMAGE_PLACEHOLDER_ID
 from ..data import (MixtureConfig, SourceConfig, SourceReport, load_image, prepare_source, read_records,
                     reported_id)
+from ..data.errors import REJECTED_FILE, write_rejected
 from ..data.templates import ConversationTemplate
 from ..files import atomic_write_text
 from ..padding import pad_ids, pad_token_id
@@ -185,8 +186,9 @@ def routing_summary_line(result: dict) -> str:
 def inspect_routing(model, data: str, out_dir: str, template: str = "chat", image_root: str | None = None,
                     batch_size: int = 8, on_error: str = "raise", max_samples: int = 0, max_length: int = 0,
                     plots: bool = True, model_name: str = "", progress: bool = False) -> dict:
-    """Record routing on an MMBench TSV or a conversation JSON/JSONL file; write routing.json and
-    (with `plots`) PNG heatmaps into `out_dir`. Returns the routing.json content."""
+    """Record routing on an MMBench TSV or a conversation JSON/JSONL file; write routing.json,
+    rejected.jsonl (every skipped row or record) and (with `plots`) PNG heatmaps into `out_dir`.
+    Returns the routing.json content."""
     import json
 
     chat = ConversationTemplate(template, model.tokenizer)
@@ -203,6 +205,7 @@ def inspect_routing(model, data: str, out_dir: str, template: str = "chat", imag
     result = {"data": data, "model": model_name, "skipped": dict(report.skipped),
               **analyse(record_samples(model, samples, batch_size, progress))}
     os.makedirs(out_dir, exist_ok=True)
+    write_rejected([report], os.path.join(out_dir, REJECTED_FILE))
     if plots:
         from .plots import plot_routing
 

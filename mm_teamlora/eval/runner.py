@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..constants import IMAGE_PLACEHOLDER_ID, OPTION_LETTERS
+from ..data.errors import REJECTED_FILE, write_rejected
 from ..data.templates import ConversationTemplate, sequence_length
 from ..padding import pad_ids, pad_token_id
 from .answers import extract_letter, letter_token_ids
@@ -176,7 +177,8 @@ def _folder_stamp(spec: str) -> str | None:
 def evaluate(model, data: MMBenchData | str, out_dir: str, config: EvalConfig | None = None, model_name: str = "",
              restart: bool = False, progress: bool = True) -> EvalResult:
     """Answer every row this shard owns (skipping those already in the log), write predictions
-    TSV/JSONL and, unless sharded, report.json and report.md. Returns paths and the report."""
+    TSV/JSONL, rejected.jsonl (every row of the file skipped under `on_error: skip`) and, unless
+    sharded, report.json and report.md. Returns paths and the report."""
     config = (config or EvalConfig()).validate()
     if isinstance(data, str):
         data = read_mmbench(data, on_error=config.on_error)
@@ -221,14 +223,23 @@ def evaluate(model, data: MMBenchData | str, out_dir: str, config: EvalConfig | 
     raw = {q.index: done[q.index]["prediction"] or done[q.index]["output"] for q in asked if q.index in done}
     letters = {q.index: done[q.index]["prediction"] for q in asked if q.index in done}
     tsv = write_predictions_tsv(os.path.join(out_dir, stem + ".tsv"), asked, raw, letters, data.has_answers)
+    write_rejected([data.report], os.path.join(out_dir, REJECTED_FILE))
     report = None
     if not sharded:
         report = {"data": data.path, "model": model_name, "mode": config.mode, **score(asked, letters),
-                  "skipped_rows": dict(data.report.skipped)}
+                  **input_counts(data, config.on_error)}
         if config.mode == "likelihood":
             report["letter_token_ids"] = letter_ids
         write_report(out_dir, report)
     return EvalResult(tsv, log_path, report, len(asked), len(todo), cache.computed)
+
+
+def input_counts(data: MMBenchData, on_error: str) -> dict:
+    """What the report says of the file itself: rows read, rows skipped (by reason, each listed in
+    `rejected.jsonl` beside the report), questions kept, text-only questions (an empty image cell)."""
+    return {"rows_read": data.report.records, "on_error": on_error,
+            "skipped_rows": dict(sorted(data.report.skipped.items())), "questions": data.report.kept,
+            "text_only_questions": data.text_only, "rejected": REJECTED_FILE}
 
 
 def _answer_batch(model, batch: list[MMBenchQuestion], template, config: EvalConfig, letter_ids, cache) -> list[dict]:
@@ -252,7 +263,7 @@ def rescore(predictions: list[str], data: MMBenchData | str, out_dir: str, on_er
     """Score existing predictions (TSV and/or JSONL files, e.g. one per shard) against `data`
     without a model; letters are extracted again from each prediction's text. CircularEval is
     scored when some prediction's index is a rotation (>= 1e6). Writes predictions.tsv (merged),
-    report.json and report.md."""
+    rejected.jsonl, report.json and report.md."""
     if isinstance(data, str):
         data = read_mmbench(data, on_error=on_error)
     raw = read_predictions(predictions)
@@ -261,8 +272,9 @@ def rescore(predictions: list[str], data: MMBenchData | str, out_dir: str, on_er
     letters = letters_from_text(asked, raw)
     known = {q.index for q in asked}
     report = {"data": data.path, "predictions": list(predictions), **score(asked, letters),
-              "unknown_indices": sum(1 for i in raw if i not in known), "skipped_rows": dict(data.report.skipped)}
+              "unknown_indices": sum(1 for i in raw if i not in known), **input_counts(data, on_error)}
     os.makedirs(out_dir, exist_ok=True)
+    write_rejected([data.report], os.path.join(out_dir, REJECTED_FILE))
     write_predictions_tsv(os.path.join(out_dir, "predictions.tsv"), asked, raw, letters, data.has_answers)
     write_report(out_dir, report, title="MMBench evaluation (rescored)")
     return report

@@ -171,7 +171,8 @@ def format_markdown(report: dict, title: str = "MMBench evaluation") -> str:
     lines += [f"- {k}: `{v}`" for k, v in meta.items()]
     lines += [f"- CircularEval: {'yes' if report['circular_eval'] else 'no'}; rows asked: {report['rows_asked']}; "
               f"unparsed: {report['unparsed']}; missing: {report['missing']}; unlabelled questions: "
-              f"{report['unlabelled']}", ""]
+              f"{report['unlabelled']}"]
+    lines += _input_lines(report) + [""]
     head = "| {} | n | vanilla % | chance % | circular % | circular chance % |"
     sections = [("overall", {"overall": report["overall"]})] + [(name, report[name]) for name, _ in BUCKETS]
     for name, rows in sections:
@@ -183,6 +184,20 @@ def format_markdown(report: dict, title: str = "MMBench evaluation") -> str:
                          f"{percent(b['circular'])} | {percent(b['chance_circular'])} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _input_lines(report: dict) -> list[str]:
+    """The file's own counts (`runner.input_counts`): rows read, skipped by reason, text-only questions."""
+    if "rows_read" not in report:
+        return []
+    skipped = report.get("skipped_rows") or {}
+    reasons = ", ".join(f"{reason} {count}" for reason, count in skipped.items())
+    lines = [f"- rows read: {report['rows_read']}; skipped: {sum(skipped.values())}"
+             + (f" ({reasons}; every one listed in `{report.get('rejected', 'rejected.jsonl')}`)" if skipped else "")
+             + f"; questions kept: {report['questions']}"]
+    lines.append(f"- text-only questions (an empty image cell, asked without a picture): "
+                 f"{report['text_only_questions']}")
+    return lines
 
 
 def write_report(out_dir: str, report: dict, title: str = "MMBench evaluation") -> tuple[str, str]:
