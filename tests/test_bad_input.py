@@ -57,3 +57,40 @@ def test_a_clean_mixture_writes_an_empty_rejected_jsonl(tmp_path):
     path = write_jsonl(tmp_path / "clean.jsonl", [llava("a"), llava("b")])
     build(config([{"path": path}]), report_dir=str(tmp_path / "run"))
     assert (tmp_path / "run" / "rejected.jsonl").read_text() == ""
+
+
+def test_truncated_and_changed_records_are_named_with_their_token_counts(tmp_path):
+    make_image(tmp_path / "images" / "a.png")
+    long_answer = " ".join(["word"] * 120)
+    path = write_jsonl(tmp_path / "long.jsonl", [
+        llava("short", question="<image>\nq", image="a.png"),
+        llava("cut", question="<image>\nq", answer=long_answer, image="a.png"),
+        b"",
+        llava("no-placeholder", question="q", image="a.png"),
+        llava("cut-too", question="<image>\nq", answer=long_answer, image="a.png"),
+        llava("too-long-question", question="<image>\n" + " ".join(["ask"] * 120), image="a.png"),
+    ])
+    source = {"path": path, "name": "long", "image_root": str(tmp_path / "images")}
+    cfg = config([source], max_length=64, shuffle=False, cache_dir=str(tmp_path / "cache"))
+    for run in ("run1", "run2"):  # built, then from the cache
+        mixture = build(cfg, use_cache=True, report_dir=str(tmp_path / run))
+        noted = [json.loads(x) for x in open(tmp_path / run / "notes.jsonl", encoding="utf-8")]
+        assert [(n["index"], n["line"], n["id"], n["note"]) for n in noted] == [
+            (1, 2, "cut", "truncated"), (2, 4, "no-placeholder", "image_placeholder_prepended"),
+            (3, 5, "cut-too", "truncated")]
+        assert all(n["file"] == path and n["source"] == "long" for n in noted)
+        cut = noted[0]
+        assert cut["tokens"] > 64 and cut["kept_tokens"] == 64
+        assert f"{cut['tokens']} tokens cut to 64" in cut["detail"]
+        # the record dropped for length is in rejected.jsonl, with its tokens
+        (dropped,) = [json.loads(x) for x in open(tmp_path / run / "rejected.jsonl", encoding="utf-8")]
+        assert (dropped["index"], dropped["id"], dropped["reason"]) == (4, "too-long-question", "no_supervised_tokens")
+        assert "tokens cut to" in dropped["detail"]
+        source_report = json.load(open(tmp_path / run / "data_report.json"))["sources"][0]
+        assert source_report["notes"] == {"image_placeholder_prepended": 1, "truncated": 2}
+        assert [e["id"] for e in source_report["note_examples"]["truncated"]] == ["cut", "cut-too"]
+        assert "noted" not in source_report
+    from mm_teamlora.data import format_report
+
+    assert "truncated: 2 (" in format_report(mixture.reports) and "first: record 1, id 'cut', " in format_report(
+        mixture.reports)

@@ -5,7 +5,8 @@ silently. Under `on_error: raise` the first problem stops the run with a `DataEr
 file, the record (index, line where known, id) and the reason; under `on_error: skip` the record is
 counted by reason in its source's `SourceReport`, with the first few examples kept for the summary
 and every dropped record listed in `SourceReport.rejected` (`write_rejected` writes them as JSONL:
-`rejected.jsonl` beside `data_report.json`).
+`rejected.jsonl` beside `data_report.json`). Kept records that were changed (truncated, `<image>`
+prepended: `NOTES`) are counted and named the same way (`SourceReport.noted`, `notes.jsonl`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ NOTES = {
 }
 EXAMPLES_PER_REASON = 3
 REJECTED_FILE = "rejected.jsonl"
+NOTED_FILE = "notes.jsonl"
 
 
 class ConfigError(ValueError):
@@ -126,24 +128,43 @@ class SourceReport:
     notes: Counter = field(default_factory=Counter)
     examples: dict = field(default_factory=dict)  # reason -> first few DataError dicts
     rejected: list = field(default_factory=list)  # every dropped record's DataError dict, in order
+    note_examples: dict = field(default_factory=dict)  # note -> first few `noted` entries
+    # every kept record that was changed: file, index, line, id, note, detail (+ tokens, kept_tokens
+    # for a truncation)
+    noted: list = field(default_factory=list)
     sampled: int | None = None  # records drawn by the mixture (None before sampling)
     cache_hit: bool = False
 
     def to_dict(self, rejected: bool = False) -> dict:
-        """The counts and examples; with `rejected`, also the full list (the cache keeps it; the
-        data report leaves it to `rejected.jsonl`)."""
+        """The counts and examples; with `rejected`, also the full lists of dropped and changed
+        records (the cache keeps them; the data report leaves them to `rejected.jsonl` and
+        `notes.jsonl`)."""
         d = {"name": self.name, "path": self.path, "records": self.records, "kept": self.kept,
              "skipped": dict(sorted(self.skipped.items())), "notes": dict(sorted(self.notes.items())),
-             "examples": self.examples, "sampled": self.sampled, "cache_hit": self.cache_hit}
+             "examples": self.examples, "note_examples": self.note_examples, "sampled": self.sampled,
+             "cache_hit": self.cache_hit}
         if rejected:
-            d["rejected"] = self.rejected
+            d["rejected"], d["noted"] = self.rejected, self.noted
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SourceReport":
         return cls(name=d["name"], path=d["path"], records=d["records"], kept=d["kept"],
                    skipped=Counter(d["skipped"]), notes=Counter(d["notes"]), examples=d["examples"],
-                   rejected=d.get("rejected", []), sampled=d.get("sampled"), cache_hit=d.get("cache_hit", False))
+                   rejected=d.get("rejected", []), note_examples=d.get("note_examples", {}),
+                   noted=d.get("noted", []), sampled=d.get("sampled"), cache_hit=d.get("cache_hit", False))
+
+    def note(self, note: str, file: str, index: int | None, line: int | None, record_id: str | None,
+             detail: str = "", **extra) -> None:
+        """Count a change made to a kept record (a `NOTES` code) and name the record."""
+        assert note in NOTES, note
+        entry = {"file": file, "index": index, "line": line, "id": record_id, "note": note, "detail": detail,
+                 **extra}
+        self.notes[note] += 1
+        self.noted.append(entry)
+        examples = self.note_examples.setdefault(note, [])
+        if len(examples) < EXAMPLES_PER_REASON:
+            examples.append(entry)
 
 
 def write_rejected(reports: list[SourceReport], path: str) -> str:
@@ -152,9 +173,21 @@ def write_rejected(reports: list[SourceReport], path: str) -> str:
     null), `id`, `reason`, `detail`, in file order per source (the pipeline finds them stage by
     stage). Written whole and atomically (an empty file when nothing was dropped); `data check`,
     `train` (the run folder), `eval`, `eval-score` and `inspect-routing` all write it this way."""
+    return _write_entries(reports, path, "rejected")
+
+
+def write_noted(reports: list[SourceReport], path: str) -> str:
+    """Every kept record that was changed (`SourceReport.noted`: truncated, images dropped by the
+    truncation, `<image>` prepended), one JSON object a line, as `write_rejected` writes the
+    dropped ones but with `note` for `reason`; a truncation also gives `tokens` (before) and
+    `kept_tokens` (after), images counted as their tokens."""
+    return _write_entries(reports, path, "noted")
+
+
+def _write_entries(reports: list[SourceReport], path: str, attribute: str) -> str:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    lines = [json.dumps({"source": report.name, **error}) + "\n" for report in reports
-             for error in sorted(report.rejected, key=lambda e: -1 if e["index"] is None else e["index"])]
+    lines = [json.dumps({"source": report.name, **entry}) + "\n" for report in reports
+             for entry in sorted(getattr(report, attribute), key=lambda e: -1 if e["index"] is None else e["index"])]
     atomic_write_text(path, "".join(lines))
     return path
 

@@ -4,8 +4,10 @@
 weights and repeats), logs the per-source counts before and after sampling with the skip reasons
 (`format_report`; logger `mm_teamlora.data.mixture`, level INFO), and writes them to
 `<report_dir>/data_report.json` when a run folder is given, with every dropped record (file,
-position, line, id, reason, detail) in `<report_dir>/rejected.jsonl` beside it. The order is a pure function of the
-config (seed included), so two runs see the same records in the same order.
+position, line, id, reason, detail) in `<report_dir>/rejected.jsonl` beside it, and every kept
+record that was changed (truncated, with its token counts; `<image>` prepended) in
+`<report_dir>/notes.jsonl`. The order is a pure function of the config (seed included), so two runs
+see the same records in the same order.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from ..files import cache_root
 from .config import MixtureConfig
-from .errors import NOTES, REJECTED_FILE, ConfigError, SourceReport, write_rejected
+from .errors import NOTED_FILE, NOTES, REJECTED_FILE, ConfigError, SourceReport, write_noted, write_rejected
 from .prepare import PreparedSource, prepare_source
 from .templates import ConversationTemplate
 
@@ -106,6 +108,7 @@ def build_mixture(config: MixtureConfig, tokenizer, cache_dir: str | None = None
     if report_dir is not None:
         write_report(mixture.report_dict(), report_dir)
         write_rejected(mixture.reports, os.path.join(report_dir, REJECTED_FILE))
+        write_noted(mixture.reports, os.path.join(report_dir, NOTED_FILE))
     return mixture
 
 
@@ -138,5 +141,8 @@ def format_report(reports: list[SourceReport], title: str = "data") -> str:
                 "" if example.get("id") is None else f", id {example['id']!r}") + ")"
             lines.append(f"  skipped  {r.name}: {reason}: {count}{where}")
         for note, count in sorted(r.notes.items()):
-            lines.append(f"  note     {r.name}: {note}: {count} ({NOTES[note]})")
+            example = r.note_examples.get(note, [{}])[0]
+            where = "" if example.get("index") is None else f"; first: record {example['index']}" + (
+                "" if example.get("id") is None else f", id {example['id']!r}") + f", {example.get('detail')}"
+            lines.append(f"  note     {r.name}: {note}: {count} ({NOTES[note]}{where})")
     return "\n".join(lines)

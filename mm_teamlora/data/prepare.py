@@ -40,7 +40,7 @@ from .sources import detect_format, parse_record, read_records, reported_id
 from .templates import ConversationTemplate, sequence_length, tokenizer_fingerprint, truncate_tail
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 3  # bump when a change here changes what is written
+CACHE_VERSION = 4  # bump when a change here changes what is written
 BATCH = 512
 DATA_FILE, REPORT_FILE = "data.arrow", "report.json"
 FEATURES = datasets.Features({
@@ -168,7 +168,8 @@ def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationT
                 row = _apply_length_policy(ids, labels, paths, mixture, policy, source.path, raw, conv)
                 if row is None:
                     continue
-                report.notes.update(conv.notes)
+                for note, info in conv.notes.items():
+                    report.note(note, source.path, raw.index, raw.line, conv.id, **info)
                 for name, value in zip(("id", "input_ids", "labels", "images", "length"), (conv.id,) + row):
                     rows[name].append(value)
             if rows["id"]:
@@ -187,16 +188,21 @@ def _apply_length_policy(ids, labels, paths, mixture: MixtureConfig, policy: Err
     if length <= mixture.max_length:
         return ids, labels, paths, length
     if mixture.truncation == "skip":
-        policy.drop(DataError(file, "too_long", f"{length} > max_length {mixture.max_length}",
+        policy.drop(DataError(file, "too_long", f"{length} tokens > max_length {mixture.max_length}",
                               raw.index, raw.line, conv.id))
         return None
     ids, labels = truncate_tail(ids, labels, mixture.max_length, mixture.image_token_count)
     if all(label == IGNORE_INDEX for label in labels):
-        policy.drop(DataError(file, "no_supervised_tokens", f"{length} tokens cut to {mixture.max_length}",
-                              raw.index, raw.line, conv.id))
+        policy.drop(DataError(file, "no_supervised_tokens", f"{length} tokens cut to "
+                              f"{sequence_length(ids, mixture.image_token_count)} (max_length "
+                              f"{mixture.max_length}) leave no assistant token", raw.index, raw.line, conv.id))
         return None
     kept_images = sum(1 for t in ids if t == IMAGE_PLACEHOLDER_ID)
-    conv.notes.append("truncated")
+    kept = sequence_length(ids, mixture.image_token_count)
+    conv.notes["truncated"] = {"detail": f"{length} tokens cut to {kept} (max_length {mixture.max_length})",
+                               "tokens": length, "kept_tokens": kept}
     if kept_images < len(paths):
-        conv.notes.append("truncated_images_dropped")
-    return ids, labels, paths[:kept_images], sequence_length(ids, mixture.image_token_count)
+        conv.notes["truncated_images_dropped"] = {
+            "detail": f"{kept_images} of {len(paths)} images kept ({length} tokens cut to {kept})",
+            "tokens": length, "kept_tokens": kept}
+    return ids, labels, paths[:kept_images], kept

@@ -59,7 +59,7 @@ class Conversation:
     id: str
     messages: list[dict]
     images: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # NOTES codes for the report
+    notes: dict[str, dict] = field(default_factory=dict)  # NOTES code -> {"detail": ..., ...} for the report
 
 
 def read_records(path: str, max_records: int | None = None) -> Iterator[RawRecord]:
@@ -329,6 +329,7 @@ def check_conversation(conv: Conversation) -> None:
     if prepend:
         first = messages[0]
         first["content"] = ((IMAGE_PLACEHOLDER + "\n") * len(conv.images) + first["content"]).rstrip()
-        conv.notes.append("image_placeholder_prepended")
+        conv.notes["image_placeholder_prepended"] = {
+            "detail": f"{len(conv.images)} <image> prepended to the first user turn"}
     elif placeholders != len(conv.images):
         raise RecordProblem("image_count_mismatch", f"{placeholders} <image> placeholders, {len(conv.images)} images")
