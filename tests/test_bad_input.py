@@ -4,7 +4,10 @@ also when the source comes from the cache."""
 
 import json
 
-from fixtures.data.helpers import build, config, llava, make_image, write_jsonl
+import pytest
+
+from fixtures.data.helpers import build, config, llava, make_image, tokenizer, write_json, write_jsonl
+from mm_teamlora.data import DataError
 
 
 def _records():
@@ -94,3 +97,108 @@ def test_truncated_and_changed_records_are_named_with_their_token_counts(tmp_pat
 
     assert "truncated: 2 (" in format_report(mixture.reports) and "first: record 1, id 'cut', " in format_report(
         mixture.reports)
+
+
+# LLaMA-Factory dataset_info.json: written here, in the shapes of that toolkit's data/ folder
+
+def _llamafactory(tmp_path, entries: dict, records=None, file_name="mllm_demo.json"):
+    """A LLaMA-Factory data folder: dataset_info.json with `entries`, a ShareGPT `messages` file
+    with images under mllm_demo_data/, an alpaca file; returns the dataset_info.json path."""
+    data = tmp_path / "lf"
+    make_image(data / "mllm_demo_data" / "1.jpg")
+    if records is None:
+        records = [
+            {"messages": [{"role": "user", "content": "<image>Who are they?"},
+                          {"role": "assistant", "content": "Two players."},
+                          {"role": "user", "content": "What are they doing?"},
+                          {"role": "assistant", "content": "Celebrating."}],
+             "images": ["mllm_demo_data/1.jpg"]},
+            {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."}]},
+        ]
+    write_json(data / file_name, records)
+    write_json(data / "alpaca_demo.json", [
+        {"instruction": "Add", "input": "2 and 3", "output": "5", "history": [["Hi", "Hello."]]},
+        {"instruction": "Name a colour", "output": "Red."},
+    ])
+    return write_json(data / "dataset_info.json", entries)
+
+
+MLLM_DEMO = {"file_name": "mllm_demo.json", "formatting": "sharegpt",
+             "columns": {"messages": "messages", "images": "images"},
+             "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}
+
+
+def test_a_llamafactory_dataset_info_entry_is_read_as_that_toolkit_reads_it(tmp_path):
+    info = _llamafactory(tmp_path, {"mllm_demo": MLLM_DEMO, "alpaca_demo": {"file_name": "alpaca_demo.json"},
+                                    "alpaca_history": {"file_name": "alpaca_demo.json",
+                                                       "columns": {"history": "history"}}})
+    mixture = build(config([{"path": info, "dataset": name} for name in ("mllm_demo", "alpaca_demo", "alpaca_history")],
+                           shuffle=False))
+    mllm, alpaca, _ = mixture.reports
+    assert (mllm.name, mllm.kept, mllm.records, alpaca.kept) == ("mllm_demo", 2, 2, 2)
+    assert mllm.path.endswith("mllm_demo.json") and not mllm.skipped and not alpaca.skipped
+    first = mixture.sources[0].data[0]
+    assert first["images"] == [str(tmp_path / "lf" / "mllm_demo_data" / "1.jpg")]  # image_root: the info folder
+    tok = tokenizer()
+    plain, history = (tok.decode([t for t in mixture.sources[i].data[0]["input_ids"] if t >= 0]) for i in (1, 2))
+    assert "Add\n2 and 3" in plain and "Hello." not in plain  # LLaMA-Factory's default: no history column
+    assert "Hi" in history and "Hello." in history and "Add\n2 and 3" in history
+
+
+@pytest.mark.parametrize("entry, reason, words", [
+    ({"formatting": "sharegpt"}, "dataset_info_invalid", "no file_name"),
+    ({**MLLM_DEMO, "formatting": "openai"}, "dataset_info_invalid", "unknown formatting 'openai'"),
+    ({k: v for k, v in MLLM_DEMO.items() if k != "formatting"}, "dataset_info_invalid",
+     "columns.messages is not a column of formatting 'alpaca' (a sharegpt column: is formatting: sharegpt missing?)"),
+    ({**MLLM_DEMO, "colums": {}}, "dataset_info_invalid", "unknown key(s) 'colums'"),
+    ({**MLLM_DEMO, "columns": {"messages": "conversations"}}, "dataset_info_invalid",
+     "columns.messages is 'conversations', a key no record of"),
+    ({**MLLM_DEMO, "tags": {"role_tag": "role", "speaker_tag": "x"}}, "dataset_info_invalid",
+     "unknown tag 'speaker_tag'"),
+    ({"hf_hub_url": "someone/data"}, "unsupported_dataset", "hf_hub_url 'someone/data': only local files"),
+    ({**MLLM_DEMO, "ranking": True}, "unsupported_dataset", "ranking True"),
+    ({**MLLM_DEMO, "columns": {"messages": "messages", "videos": "videos"}}, "unsupported_modality", "columns.videos"),
+    ({**MLLM_DEMO, "file_name": "mllm_demo.csv"}, "unsupported_dataset", "only .json, .jsonl, .parquet"),
+])
+def test_a_malformed_dataset_info_entry_names_the_file_the_dataset_and_the_problem(tmp_path, entry, reason, words):
+    info = _llamafactory(tmp_path, {"mine": entry})
+    for on_error in ("raise", "skip"):  # the entry is wrong, not a record: an error under both policies
+        with pytest.raises(DataError) as err:
+            build(config([{"path": info, "dataset": "mine"}], on_error=on_error))
+        assert err.value.reason == reason and err.value.file == info
+        assert "dataset 'mine'" in str(err.value) and words in str(err.value), str(err.value)
+
+
+def test_a_missing_dataset_key_or_data_file_is_named(tmp_path):
+    info = _llamafactory(tmp_path, {"mllm_demo": MLLM_DEMO, "gone": {"file_name": "gone.json"}})
+    with pytest.raises(DataError) as err:
+        build(config([{"path": info, "dataset": "mlm_demo"}]))
+    assert err.value.reason == "dataset_not_found" and "'gone', 'mllm_demo'" in str(err.value)
+    with pytest.raises(DataError) as err:
+        build(config([{"path": info}]))  # a dataset_info.json with no dataset key
+    assert err.value.reason == "dataset_not_found" and "dataset:" in str(err.value)
+    with pytest.raises(DataError) as err:
+        build(config([{"path": info, "dataset": "gone"}]))
+    assert err.value.reason == "file_missing" and err.value.file.endswith("gone.json")
+    assert "dataset 'gone'" in str(err.value) and info in str(err.value)
+
+
+def test_llamafactory_records_fail_one_by_one_with_the_mapping_named(tmp_path):
+    records = [
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "function_call", "content": "{}"}]},
+        {"conversations": []},
+        {"messages": [{"role": "user", "content": "<video>What?"}, {"role": "assistant", "content": "a"}],
+         "videos": ["clip.mp4"]},
+        {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]},
+    ]
+    info = _llamafactory(tmp_path, {"mine": MLLM_DEMO}, records)
+    mixture = build(config([{"path": info, "dataset": "mine"}], on_error="skip", shuffle=False),
+                    report_dir=str(tmp_path / "run"))
+    report = mixture.reports[0]
+    assert report.kept == 2 and report.skipped == {"unknown_role": 1, "missing_conversations": 1,
+                                                   "unsupported_modality": 1}
+    rejected = [json.loads(x) for x in open(tmp_path / "run" / "rejected.jsonl", encoding="utf-8")]
+    assert [r["index"] for r in rejected] == [1, 2, 3]
+    assert all(r["file"].endswith("mllm_demo.json") for r in rejected)
+    assert "'function_call'" in rejected[0]["detail"] and "columns.messages of dataset 'mine'" in rejected[1]["detail"]

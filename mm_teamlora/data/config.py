@@ -7,6 +7,7 @@ A mixture names its sources and how much of each to draw:
   `num_samples`, or by default the most records possible without repeating any source (as
   `datasets.interleave_datasets` stops at the first exhausted source).
 `max_samples` reads only the first records of a source's file (before checks and sampling).
+`dataset: KEY` reads a LLaMA-Factory dataset: `path` is its `dataset_info.json` (`data.llamafactory`).
 
 Relative paths (`path`, `image_root`, `cache_dir`, a `tokenizer` folder) resolve against the YAML
 file's folder. Unknown keys, wrong types and non-positive weights or repeats are `ConfigError`s.
@@ -70,6 +71,8 @@ class SourceConfig:
     weight: float | None = None
     repeat: float | None = None
     max_samples: int | None = None
+    # a key of the LLaMA-Factory dataset_info.json that `path` names (data.llamafactory)
+    dataset: str | None = None
 
     def validate(self, where: str = "source") -> "SourceConfig":
         _check(where, "path", self.path, (str,))
@@ -79,10 +82,14 @@ class SourceConfig:
         _check(where, "weight", self.weight, (int, float, type(None)), positive=True)
         _check(where, "repeat", self.repeat, (int, float, type(None)), positive=True)
         _check(where, "max_samples", self.max_samples, (int, type(None)), positive=True)
+        _check(where, "dataset", self.dataset, (str, type(None)))
+        if self.dataset is not None and self.format != "auto":
+            raise ConfigError(f"{where}: a LLaMA-Factory dataset's entry gives its format; drop format "
+                              f"{self.format!r} or dataset {self.dataset!r}")
         if self.weight is not None and self.repeat is not None:
             raise ConfigError(f"{where}: give weight or repeat, not both")
         if self.name is None:
-            self.name = os.path.splitext(os.path.basename(self.path))[0]
+            self.name = self.dataset or os.path.splitext(os.path.basename(self.path))[0]
         return self
 
 

@@ -28,7 +28,14 @@ REASONS = {
     "not_an_object": "a record that is not a JSON object",
     "invalid_text": "a string that cannot be encoded (a lone UTF-16 surrogate) or that the tokenizer rejects",
     "control_characters": "a control character (NUL, BEL, ESC, ...; not tab, newline, CR) in a text, id or path",
-    "unsupported_modality": "videos or audios (a field, or <video> / <audio> in a turn): only images are supported",
+    "unsupported_modality": "videos or audios (a field, a dataset_info.json column, or <video> / <audio> in a "
+                            "turn): only images are supported",
+    # LLaMA-Factory dataset_info.json entries (data.llamafactory; always an error: the entry is wrong)
+    "dataset_not_found": "a dataset_info.json without the source's `dataset` key (or no `dataset` given)",
+    "dataset_info_invalid": "a dataset_info.json entry without file_name, with an unknown formatting, key, column "
+                            "or tag, or whose required column no record has",
+    "unsupported_dataset": "a dataset_info.json entry of a kind not read here: hub or script URLs, ranking / "
+                           "preference, tools, num_samples, a file type other than JSON, JSONL, parquet",
     # record structure
     "bad_id": "id that is not a non-empty string or an integer",
     "duplicate_id": "id already used by an earlier record of the same file",

@@ -19,6 +19,7 @@ key: after changing images in place, pass `rebuild=True`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ from ..files import atomic_folder, is_complete
 from .config import MixtureConfig, SourceConfig
 from .errors import ConfigError, DataError, ErrorPolicy, RecordProblem, SourceReport
 from .images import check_images, resolve_image_path
+from .llamafactory import DatasetEntry, is_dataset_info, optional_keys, read_dataset_info, required_keys, to_messages
 from .sources import detect_format, parse_record, read_records, reported_id
 from .templates import ConversationTemplate, sequence_length, tokenizer_fingerprint, truncate_tail
 
@@ -61,10 +63,15 @@ class PreparedSource:
     report: SourceReport
 
 
-def cache_key(source: SourceConfig, mixture: MixtureConfig, tokenizer) -> str:
+def cache_key(source: SourceConfig, mixture: MixtureConfig, tokenizer, entry: DatasetEntry | None = None) -> str:
     path = os.path.abspath(source.path)
     st = os.stat(path)
-    parts = {
+    extra = {}
+    if entry is not None:  # a LLaMA-Factory dataset: its dataset_info.json entry decides how records read
+        info = os.stat(entry.info_path)
+        extra = {"dataset_info": [os.path.abspath(entry.info_path), info.st_size, info.st_mtime_ns],
+                 "dataset": entry.name, "entry": entry.entry}
+    parts = {**extra,
         "version": CACHE_VERSION, "file": [path, st.st_size, st.st_mtime_ns], "format": source.format,
         "image_root": source.image_root and os.path.abspath(source.image_root), "max_samples": source.max_samples,
         "template": mixture.template, "system_prompt": mixture.system_prompt,
@@ -78,18 +85,26 @@ def cache_key(source: SourceConfig, mixture: MixtureConfig, tokenizer) -> str:
 def prepare_source(source: SourceConfig, mixture: MixtureConfig, tokenizer,
                    template: ConversationTemplate | None = None, cache_dir: str | None = None,
                    rebuild: bool = False) -> PreparedSource:
-    """Tokenise one source, or load it from the cache. Raises `DataError` under `on_error: raise`."""
+    """Tokenise one source, or load it from the cache. Raises `DataError` under `on_error: raise`
+    (and for a file that cannot be read at all, or a bad LLaMA-Factory `dataset_info.json` entry)."""
     if not os.path.isfile(source.path):
         raise DataError(source.path, "file_missing" if not os.path.exists(source.path) else "not_a_file",
                         f"source {source.name!r}")
+    entry = None
+    if source.dataset is not None or is_dataset_info(source.path):
+        entry = read_dataset_info(source.path, source.dataset)
+        if not os.path.isfile(entry.file):
+            raise DataError(entry.file, "file_missing" if not os.path.exists(entry.file) else "not_a_file",
+                            f"file_name of dataset {entry.name!r} in {entry.info_path} (source {source.name!r})")
+        source = dataclasses.replace(source, path=entry.file, image_root=source.image_root or entry.media_dir)
     template = template or ConversationTemplate(mixture.template, tokenizer, mixture.system_prompt)
     start = time.perf_counter()
     if cache_dir is None:
         with tempfile.TemporaryDirectory(prefix=f"mm_teamlora-{source.name}-") as work:
-            report = _build(source, mixture, template, os.path.join(work, DATA_FILE))
+            report = _build(source, mixture, template, os.path.join(work, DATA_FILE), entry)
             data = datasets.Dataset.from_file(os.path.join(work, DATA_FILE), in_memory=True)
     else:
-        folder = os.path.join(cache_dir, f"{source.name}-{cache_key(source, mixture, tokenizer)}")
+        folder = os.path.join(cache_dir, f"{source.name}-{cache_key(source, mixture, tokenizer, entry)}")
         if rebuild:
             shutil.rmtree(folder, ignore_errors=True)
         if is_complete(folder):
@@ -97,7 +112,7 @@ def prepare_source(source: SourceConfig, mixture: MixtureConfig, tokenizer,
             return PreparedSource(source, datasets.Dataset.from_file(os.path.join(folder, DATA_FILE)),
                                   _read_report(folder))
         with atomic_folder(folder) as work:
-            report = _build(source, mixture, template, os.path.join(work, DATA_FILE))
+            report = _build(source, mixture, template, os.path.join(work, DATA_FILE), entry)
             with open(os.path.join(work, REPORT_FILE), "w", encoding="utf-8") as f:
                 json.dump(report.to_dict(rejected=True), f, indent=1)
         data = datasets.Dataset.from_file(os.path.join(folder, DATA_FILE))
@@ -113,7 +128,8 @@ def _read_report(folder: str) -> SourceReport:
     return report
 
 
-def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationTemplate, out_path: str) -> SourceReport:
+def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationTemplate, out_path: str,
+           entry: DatasetEntry | None = None) -> SourceReport:
     report = SourceReport(name=source.name, path=source.path)
     policy = ErrorPolicy(mixture.on_error, report)
 
@@ -121,9 +137,13 @@ def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationT
         policy.fail(DataError(source.path, problem.reason, problem.detail, raw.index, raw.line, rid))
 
     # 1. parse and check records
-    fmt = None if source.format == "auto" else source.format
+    fmt = "messages" if entry is not None else None if source.format == "auto" else source.format
     parsed, seen = [], {}
-    for raw in read_records(source.path, source.max_samples):
+    records = read_records(source.path, source.max_samples)
+    if entry is not None:  # a column mapping no record matches is the entry's mistake: check it first
+        records = list(records)
+        _check_columns(entry, [r.value for r in records if isinstance(r.value, dict)])
+    for raw in records:
         report.records += 1
         if raw.problem is not None:
             fail(raw, raw.problem)
@@ -132,7 +152,8 @@ def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationT
         if fmt is None and isinstance(raw.value, dict):
             fmt = detect_format(raw.value)
         try:
-            conv = parse_record(raw.value, fmt or "llava", raw.index)
+            value = raw.value if entry is None else to_messages(raw.value, entry)
+            conv = parse_record(value, fmt or "llava", raw.index)
             if rid is not None and rid in seen:
                 raise RecordProblem("duplicate_id", f"first used by record {seen[rid]}")
             paths = [resolve_image_path(source.image_root, p) for p in conv.images]
@@ -142,6 +163,7 @@ def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationT
         if rid is not None:
             seen[rid] = raw.index
         parsed.append((raw, conv, paths))
+
 
     # 2. check every distinct image file once
     distinct = sorted({p for _, _, paths in parsed for p in paths})
@@ -176,6 +198,24 @@ def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationT
                 writer.write_batch(pa.RecordBatch.from_pydict(rows, schema=schema))
                 report.kept += len(rows["id"])
     return report
+
+
+def _check_columns(entry: DatasetEntry, objects: list[dict]) -> None:
+    """A required column that no record has is the entry's mistake, not every record's: a
+    `DataError` naming the dataset_info.json; an optional one is logged."""
+    if not objects:
+        return
+    keys = set().union(*objects)
+    for key in required_keys(entry):
+        if key not in keys:
+            column = next(c for c, k in entry.columns.items() if k == key)
+            raise DataError(entry.info_path, "dataset_info_invalid",
+                            f"dataset {entry.name!r}: columns.{column} is {key!r}, a key no record of {entry.file} "
+                            f"has (their keys: {', '.join(sorted(map(str, keys)))})")
+    for column, key in optional_keys(entry).items():
+        if key not in keys:
+            logger.warning("dataset %r in %s: columns.%s names %r, a key no record of %s has", entry.name,
+                           entry.info_path, column, key, entry.file)
 
 
 def _apply_length_policy(ids, labels, paths, mixture: MixtureConfig, policy: ErrorPolicy, file, raw, conv):
