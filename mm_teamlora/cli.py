@@ -118,7 +118,7 @@ def load_tokenizer(spec: str):
 
 
 def data_demo(out: str = "runs/demo-data", seed: int = 0, train_size: int = 0, eval_size: int = 0,
-              val_size: int = -1, train_rotations: bool = False, wordnet_dir: str = "",
+              val_size: int = -1, train_rotations: bool = False, binding_size: int = -1, wordnet_dir: str = "",
               eval_text_only: bool = True) -> int:
     """Build demo data from installed assets: a LLaVA training mix, a disjoint MMBench eval TSV, demo.yaml.
 
@@ -126,13 +126,15 @@ def data_demo(out: str = "runs/demo-data", seed: int = 0, train_size: int = 0, e
     (WordNet 3.0; or Debian's wordnet-base). --train-size/--eval-size 0: the defaults (3000 / 300);
     --val-size: multiple-choice items carved from the training side into val.tsv (-1: 200 at the
     default sizes, else none); --train-rotations writes each multiple-choice training question in
-    every rotation of its options. Exits 2 when an asset is missing or the
+    every rotation of its options; --binding-size: text-only multiple-choice records whose hint
+    states the answer, in binding.json (-1: 800 at the default sizes, else none). Exits 2 when an asset is missing or the
     arguments or --out are unusable, 1 when the written eval set overlaps the training set."""
     from .data.demo import AssetMissingError, DisjointnessError, build_demo_data, format_summary
 
     try:
         info = build_demo_data(out, seed=seed, train_size=train_size or None, eval_size=eval_size or None,
                                val_size=None if val_size < 0 else val_size, train_rotations=train_rotations,
+                               binding_size=None if binding_size < 0 else binding_size,
                                wordnet_dir=wordnet_dir or None, eval_text_only=eval_text_only)
     except DisjointnessError as e:  # a ValueError: caught first
         return _fail(str(e), 1)

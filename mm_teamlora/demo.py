@@ -82,16 +82,17 @@ def _phase(result: DemoResult, name: str):
 
 def ensure_data(data_dir: str) -> dict:
     """The demo data's info (demo_info.json), building it first when it is missing or incomplete."""
-    from .data.demo import build_demo_data
+    from .data.demo import DATA_VERSION, build_demo_data
 
     info_path = os.path.join(data_dir, "demo_info.json")
     if os.path.isfile(info_path):
         with open(info_path, encoding="utf-8") as f:
             info = json.load(f)
-        if info.get("val") and all(os.path.isfile(info[k]) for k in ("train", "eval", "val", "config")):
+        if info.get("version") == DATA_VERSION and all(os.path.isfile(info[k] or "")
+                                                       for k in ("train", "eval", "val", "binding", "config")):
             logger.info("demo data: reusing %s", data_dir)
             return info
-        logger.info("demo data in %s predates the validation split or is incomplete: rebuilding", data_dir)
+        logger.info("demo data in %s is from another version of the builder or incomplete: rebuilding", data_dir)
         import shutil
 
         shutil.rmtree(data_dir)

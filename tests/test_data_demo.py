@@ -21,6 +21,7 @@ from mm_teamlora.data import (DataCollator, GroupedBatchSampler, InstructionData
 from mm_teamlora.data.demo import (L2_CATEGORIES, AssetMissingError, DemoAssets, DisjointnessError, Photo,
                                    ShapeImage, build_demo_data, check_disjoint, find_wordnet_dir, load_nouns,
                                    mixture_yaml, read_mmbench_tsv)
+from mm_teamlora.constants import IMAGE_PLACEHOLDER
 from mm_teamlora.data.demo.build import CHECKED_IN_HEADER, Item, assign_letters
 from mm_teamlora.data.demo.disjoint import MMBENCH_COLUMNS, write_mmbench_tsv
 
@@ -330,7 +331,7 @@ def test_refuses_a_foreign_images_folder(tmp_path):
 def test_checked_in_config_points_at_the_default_output():
     path = os.path.join(REPO, "data_configs", "demo.yaml")
     expected = mixture_yaml("../runs/demo-data/train.json", "../runs/demo-data", "../runs/demo-data/eval.tsv",
-                            header=CHECKED_IN_HEADER)
+                            header=CHECKED_IN_HEADER, binding_json="../runs/demo-data/binding.json")
     assert open(path).read() == expected
     config = MixtureConfig.from_yaml(path)
     assert config.sources[0].path == os.path.join(REPO, "runs", "demo-data", "train.json")
@@ -424,3 +425,30 @@ def test_train_rotations_write_every_question_once_per_letter(tmp_path):
     assert len(by_question) == plain["train_multiple_choice"]
     for answers in by_question.values():
         assert sorted(a for a, _ in answers) == ["A", "B", "C", "D"] and len({text for _, text in answers}) == 1
+
+
+def test_binding_records_state_the_answer_and_hold_nothing_out(tmp_path):
+    out = str(tmp_path / "out")
+    info = build_demo_data(out, seed=0, train_size=240, eval_size=40, val_size=16, binding_size=50,
+                           assets=fake_assets(tmp_path))
+    records = json.load(open(info["binding"]))
+    assert len(records) == info["binding_records"] == 50
+    train_lines = {line for record in json.load(open(info["train"]))
+                   for line in record["conversations"][0]["value"].splitlines()}
+    for record in records:
+        assert "image" not in record and IMAGE_PLACEHOLDER not in record["conversations"][0]["value"]
+        prompt, letter = (turn["value"] for turn in record["conversations"])
+        hint, *lines = prompt.splitlines()
+        options = {line[0]: line[3:] for line in lines if line[:3] in ("A. ", "B. ", "C. ", "D. ")}
+        assert len(options) == 4 and hint == f"The correct option reads: {options[letter]}"
+        assert lines[0] in train_lines  # the question of a training record
+    # letters round-robin, every category drawn evenly
+    assert set(info["binding_letters"].values()) <= {12, 13}
+    # nothing of val.tsv or eval.tsv (pictures' questions are text-only here: compare stems and words)
+    for held_out in (info["val"], info["eval"]):
+        report = check_disjoint(info["binding"], held_out, out)
+        assert (report["shared_questions"], report["shared_terms"]) == (0, 0)
+    mixture = MixtureConfig.from_yaml(info["config"])
+    assert [s.name for s in mixture.sources] == ["demo_train", "demo_binding"]
+    assert build_demo_data(str(tmp_path / "none"), train_size=120, eval_size=20,
+                           assets=fake_assets(tmp_path))["binding"] is None  # a given train_size: none unless asked

@@ -7,6 +7,12 @@ Writes, under `out`:
   word or phrase."), half are multiple-choice prompts answered with a letter, in LLaVA's MMBench
   prompt form: `[hint\\n]question\\nA. ...\\nB. ...\\nC. ...\\nD. ...\\nAnswer with the option's
   letter from the given choices directly.`
+- `binding.json`: text-only multiple-choice records whose hint states the answer (`The correct
+  option reads: red`), one per sampled training question, in the same prompt form. SmolLM2-135M has no
+  lettered-choice ability of its own (it answers "A" to everything): these teach it to map the
+  right option to its letter where the option is plain to read, so the image and knowledge
+  questions then only need the model to find the answer. They are drawn from the training side
+  only (after the validation carve), in rotations that balance their letters.
 - `images/`: one PNG per distinct training image.
 - `val.tsv`: a validation split carved from the training side, in the eval set's layout (`split` =
   `val`): multiple-choice items of every category, held out of `train.json` together with every
@@ -65,6 +71,9 @@ SHARES = {"shapes": 0.30, "digits": 0.25, "photos": 0.20, "wordnet": 0.25}  # of
 DEFAULT_TRAIN_SIZE = 3000
 DEFAULT_EVAL_SIZE = 300
 DEFAULT_VAL_SIZE = 200
+DEFAULT_BINDING_SIZE = 800
+DATA_VERSION = 2  # 2: binding.json; a demo folder of another version is rebuilt by `mm-teamlora demo`
+BINDING_HINT = "The correct option reads: {answer}"  # unquoted: quoted words are what disjointness compares
 DEFAULT_OUT = "runs/demo-data"
 
 
@@ -77,8 +86,13 @@ def _png_bytes(image: str | np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def mixture_yaml(train_json: str, image_root: str, eval_tsv: str, header: str = "") -> str:
+def mixture_yaml(train_json: str, image_root: str, eval_tsv: str, header: str = "",
+                 binding_json: str | None = None) -> str:
     """The demo mixture config as YAML text; paths are written as given (relative to the YAML)."""
+    binding = "" if binding_json is None else f"""  - name: demo_binding         # text-only lettered choices whose hint states the answer
+    path: {binding_json}
+    format: llava
+"""
     return f"""{header}# The demo training mix (LLaVA JSON, images under image_root) written by `mm-teamlora data demo`.
 # Evaluation set (MMBench TSV, disjoint from training by image and by question): {eval_tsv}
 # Tokenizer, image processor and tokens per image come from the model that trains on it; check it
@@ -94,7 +108,7 @@ sources:
     path: {train_json}
     format: llava
     image_root: {image_root}
-images:
+{binding}images:
   min_side: 8
 """
 
@@ -120,13 +134,14 @@ def build_demo_data(out: str = DEFAULT_OUT, seed: int = 0, train_size: int | Non
                     eval_size: int | None = None, sources: tuple[str, ...] | list[str] = SOURCES,
                     wordnet_dir: str | None = None, eval_text_only: bool = True,
                     assets: DemoAssets | None = None, val_size: int | None = None,
-                    train_rotations: bool = False) -> dict:
+                    train_rotations: bool = False, binding_size: int | None = None) -> dict:
     """Build the demo training mix and evaluation set under `out` (see the module doc); returns the
     counts and paths (also written to `out/demo_info.json`).
 
     `train_rotations`: write every multiple-choice training item once per rotation of its options
     (the answer's letter moves with it), so no letter is a shortcut: the CircularEval objective as
-    training data. `val_size`: multiple-choice items carved from the training side into `val.tsv` (0: none; None:
+    training data. `binding_size`: records in `binding.json` (0: none, and no such source in
+    demo.yaml; None: 800 at the default sizes, none when `train_size` is given). `val_size`: multiple-choice items carved from the training side into `val.tsv` (0: none; None:
     200 at the default sizes, none when `train_size` is given).
     `sources`: which assets to use (shares renormalised). `wordnet_dir`: WordNet's database folder
     (default `$WNSEARCHDIR` or `/usr/share/wordnet`). `assets`: already loaded assets (tests pass
@@ -137,8 +152,10 @@ def build_demo_data(out: str = DEFAULT_OUT, seed: int = 0, train_size: int | Non
     plan = _plan(seed, tuple(sources), train_size, eval_size, eval_text_only)
     if val_size is None:
         val_size = DEFAULT_VAL_SIZE if train_size is None else 0
-    if val_size < 0:
-        raise ValueError("val_size must be >= 0")
+    if binding_size is None:
+        binding_size = DEFAULT_BINDING_SIZE if train_size is None else 0
+    if val_size < 0 or binding_size < 0:
+        raise ValueError("val_size and binding_size must be >= 0")
     if assets is None:
         assets = load_assets(tuple(plan.n_train), wordnet_dir)
     loaded = time.time()
@@ -146,18 +163,24 @@ def build_demo_data(out: str = DEFAULT_OUT, seed: int = 0, train_size: int | Non
     _prepare_out(out)
     if train_rotations:  # consecutive records: the rotations of one question sit side by side
         train_items = [rotated for item in train_items for rotated in rotations(item)]
+    binding_items = binding_twins(train_items, binding_size, np.random.default_rng([plan.seed, 97]))
     train_json, images = _write_train(out, train_items)
+    binding_json = _write_train(out, binding_items, "binding.json", "bind")[0] if binding_items else None
     eval_tsv = _write_eval(out, eval_items)
     disjoint = check_disjoint(train_json, eval_tsv, out)
     val_tsv = _write_eval(out, val_items, "val") if val_items else None
     val_disjoint = check_disjoint(train_json, val_tsv, out) if val_tsv else None
+    for held_out in filter(None, (eval_tsv, val_tsv)) if binding_json else ():
+        check_disjoint(binding_json, held_out, out)  # twins of training questions: raises if not
     letters = _check_letters(train_items, eval_items, val_items)
     config_path = os.path.join(out, "demo.yaml")
     with open(config_path, "w", encoding="utf-8") as f:
-        f.write(mixture_yaml("train.json", ".", "eval.tsv"))
+        f.write(mixture_yaml("train.json", ".", "eval.tsv", binding_json="binding.json" if binding_json else None))
     MixtureConfig.from_yaml(config_path)  # the data pipeline accepts it
-    info = {"out": os.path.abspath(out), "train": train_json, "eval": eval_tsv, "val": val_tsv,
-            "config": config_path, "seed": seed, **_counts(train_items, eval_items, images),
+    info = {"version": DATA_VERSION, "out": os.path.abspath(out), "train": train_json, "eval": eval_tsv,
+            "val": val_tsv, "binding": binding_json, "config": config_path, "seed": seed,
+            **_counts(train_items, eval_items, images), "binding_records": len(binding_items),
+            "binding_letters": dict(sorted(Counter(i.letter for i in binding_items).items())),
             "val_questions": len(val_items),
             "val_by_category": dict(sorted(Counter(i.category for i in val_items).items())),
             "answer_letters": letters, "disjointness": disjoint, "val_disjointness": val_disjoint,
@@ -240,13 +263,36 @@ def rotations(item: Item) -> list[Item]:
     return out
 
 
-def _write_train(out: str, items: list[Item]) -> tuple[str, int]:
-    """train.json and one PNG per distinct image under images/; returns the path and the image count."""
+def binding_twins(items: list[Item], size: int, rng: np.random.Generator) -> list[Item]:
+    """`size` text-only twins of multiple-choice training items (drawn evenly over the categories,
+    without replacement while they last): the picture dropped, the hint stating the right option's
+    text, the options rotated so the twins' letters go round-robin (balanced within one)."""
+    mc = [item for item in items if item.distractors is not None]
+    if size == 0 or not mc:
+        return []
+    categories = sorted({item.category for item in mc})
+    chosen: list[Item] = []
+    for category, n in even_split(size, tuple(categories)).items():
+        pool = [item for item in mc if item.category == category]
+        picks = np.concatenate([rng.permutation(len(pool)) for _ in range(-(-n // len(pool)))])[:n]
+        chosen += [pool[int(k)] for k in picks]
+    chosen = [chosen[int(k)] for k in rng.permutation(len(chosen))]
+    twins = []
+    for n, item in enumerate(chosen):
+        rotated = rotations(item)
+        twin = next(r for r in rotated if r.letter == LETTERS[n % len(rotated)])
+        twins.append(dataclasses.replace(twin, image=None, image_key=None,
+                                         hint=BINDING_HINT.format(answer=item.answer)))
+    return twins
+
+
+def _write_train(out: str, items: list[Item], name: str = "train.json", prefix: str = "demo") -> tuple[str, int]:
+    """`name` (train.json) and one PNG per distinct image under images/; returns the path and the image count."""
     written: dict[str, str] = {}
     records = []
     for n, item in enumerate(items):
         kind = "short" if item.distractors is None else item.category
-        record = {"id": f"demo-{n:05d}-{item.source}-{kind}"}
+        record = {"id": f"{prefix}-{n:05d}-{item.source}-{kind}"}
         prompt = item_prompt(item)
         if item.image is not None:
             if item.image_key not in written:
@@ -259,7 +305,7 @@ def _write_train(out: str, items: list[Item]) -> tuple[str, int]:
         answer = item.letter if item.distractors is not None else item.answer
         record["conversations"] = [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
         records.append(record)
-    path = os.path.join(out, "train.json")
+    path = os.path.join(out, name)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(records, f, ensure_ascii=False, indent=1)
     return path, len(written)
@@ -312,6 +358,8 @@ def format_summary(info: dict) -> str:
         f"{info['train_image_files']} images; by source {info['train_by_source']}",
         f"  eval.tsv: {info['eval_questions']} questions ({info['eval_text_only']} text-only); "
         f"by category {info['eval_by_category']}",
+        *([f"  binding.json: {info['binding_records']} text-only multiple-choice records whose hint states "
+           f"the answer; letters {info['binding_letters']}"] if info.get("binding") else []),
         *([f"  val.tsv: {info['val_questions']} questions carved from the training side (choose settings on it); "
            f"by category {info['val_by_category']}"] if info.get("val") else []),
         f"  answer letters: train {info['answer_letters']['train']}, eval {info['answer_letters']['eval']}",
