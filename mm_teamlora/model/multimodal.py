@@ -44,12 +44,16 @@ class SupervisedLoss(ModelOutput):
     """`MultimodalLM.forward(..., supervised_only=True)`: cross-entropy summed over the supervised
     tokens (labels shifted by one, as every causal LM), and per row the summed (detached) loss and
     the number of supervised tokens; `group_tokens` counts the real tokens the language model ran
-    per token group (image, text with image, text only)."""
+    per token group (image, text with image, text only); `tower_features` are the vision tower's
+    outputs (before the projector) for the images it ran on in this forward, when `tower_features`
+    was given to `forward` (the entries that were None, in order; None if it ran on none), so a
+    feature cache can store them."""
 
     loss_sum: torch.Tensor | None = None
     row_loss: torch.Tensor | None = None
     row_tokens: torch.Tensor | None = None
     group_tokens: torch.Tensor | None = None
+    tower_features: torch.Tensor | None = None
 
 
 @functools.cache
@@ -165,19 +169,44 @@ class MultimodalLM(nn.Module):
     # -- images -> embeddings ----------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, image_token_count, lm_hidden), in the LM's embedding dtype."""
-        features = self.vision_tower(pixel_values)
+        return self.project(self.vision_tower(pixel_values))
+
+    def project(self, tower_features: torch.Tensor) -> torch.Tensor:
+        """The vision tower's output (N, image_token_count, tower_hidden) -> the projector's, in the
+        LM's embedding dtype."""
         projector_dtype = next(self.projector.parameters()).dtype
         embed_dtype = self.language_model.get_input_embeddings().weight.dtype
-        return self.projector(features.to(projector_dtype)).to(embed_dtype)
+        return self.projector(tower_features.to(projector_dtype)).to(embed_dtype)
+
+    def _known_tower_features(self, pixel_values: torch.Tensor, known: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(all N images' tower features, those the tower computed now) from `known` (N entries,
+        None where not known) and `pixel_values` (all N images). The tower runs once, on the unknown
+        images only; where every image is known and `vision_on_every_batch` is on, it runs on the
+        blank image instead (its output unused), so each rank still makes the tower's collectives."""
+        if len(known) != pixel_values.shape[0]:
+            raise ValueError(f"tower_features has {len(known)} entries for {pixel_values.shape[0]} images")
+        missing = [i for i, f in enumerate(known) if f is None]
+        computed = self.vision_tower(pixel_values[missing]) if missing else None
+        if computed is None and self.vision_on_every_batch:
+            self.vision_tower(self.vision_tower.blank_pixels().to(pixel_values.device))
+        rows = list(known)
+        for j, i in enumerate(missing):
+            rows[i] = computed[j]
+        return torch.stack(rows), computed
 
     def build_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                      image_counts: torch.Tensor | None = None, padding_side: str = "right",
-                     image_features: torch.Tensor | None = None) -> dict:
+                     image_features: torch.Tensor | None = None, tower_features: list | None = None) -> dict:
         """Splice image features into the token embeddings. Returns inputs_embeds, attention_mask,
         labels (None if none given) and token_groups, all over the expanded, re-padded sequence.
         `image_features` (from `encode_images`) replaces `pixel_values` when the same images are
-        used again (e.g. one question asked with its options in several orders)."""
+        used again (e.g. one question asked with its options in several orders).
+
+        `tower_features` (with `pixel_values`, which still holds every image): one entry per image,
+        the frozen tower's output (image_token_count, tower_hidden) where already known (a feature
+        cache), else None; the tower runs on the others only, and the projector on all of them.
+        The returned dict then also holds `tower_features`: what the tower computed (or None)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         real = attention_mask.bool()
@@ -192,7 +221,12 @@ class MultimodalLM(nn.Module):
         given = 0 if source is None else source.shape[0]
         if given != total:
             raise ValueError(f"the batch's placeholders need {total} images but {given} were given")
-        features = image_features if image_features is not None else (self.encode_images(pixel_values) if total else None)
+        computed = None
+        if tower_features is not None and image_features is None and total:
+            all_tower, computed = self._known_tower_features(pixel_values, tower_features)
+            features = self.project(all_tower)
+        else:
+            features = image_features if image_features is not None else (self.encode_images(pixel_values) if total else None)
         if features is None and self.vision_on_every_batch:
             blank = self.encode_images(self.vision_tower.blank_pixels().to(input_ids.device))
         embeds = self.language_model.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))
@@ -222,25 +256,30 @@ class MultimodalLM(nn.Module):
                     parts_g.append(torch.full((image.shape[0],), GROUP_IMAGE, device=ids.device))
                 start = p + 1
             rows.append((torch.cat(parts_e), torch.cat(parts_l), torch.cat(parts_g)))
-        return _pad_rows(rows, padding_side, labels is not None)
+        out = _pad_rows(rows, padding_side, labels is not None)
+        if tower_features is not None:
+            out["tower_features"] = computed
+        return out
 
     # -- forward and generation --------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_counts=None,
-                image_features=None, supervised_only: bool = False, **kwargs):
+                image_features=None, supervised_only: bool = False, tower_features=None, **kwargs):
         """The language model's output over the spliced sequence (its `loss` is the mean over
         supervised tokens when `labels` are given). `supervised_only=True` (needs labels) returns
-        a `SupervisedLoss` instead, with logits computed only where the next label is supervised."""
+        a `SupervisedLoss` instead, with logits computed only where the next label is supervised
+        (and, with `tower_features` (see `build_inputs`), the tower's newly computed features)."""
         inputs = self.build_inputs(input_ids, attention_mask, labels, pixel_values, image_counts,
-                                   image_features=image_features)
+                                   image_features=image_features, tower_features=tower_features)
+        computed = inputs.pop("tower_features", None)
         if supervised_only:
             if labels is None:
                 raise ValueError("supervised_only=True needs labels")
-            return self._supervised_loss(inputs, **kwargs)
+            return self._supervised_loss(inputs, tower_features=computed, **kwargs)
         with routing_context(inputs["token_groups"], inputs["attention_mask"].bool()):
             return self.language_model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
                                        labels=inputs["labels"], **kwargs)
 
-    def _supervised_loss(self, inputs: dict, **kwargs) -> "SupervisedLoss":
+    def _supervised_loss(self, inputs: dict, tower_features: torch.Tensor | None = None, **kwargs) -> "SupervisedLoss":
         """Cross-entropy summed over supervised tokens, with the LM head run only at the positions
         t whose label t + 1 is supervised (transformers' boolean `logits_to_keep`), so each model
         keeps its own logit post-processing. Most positions of a multimodal batch (prompts, image
@@ -261,7 +300,8 @@ class MultimodalLM(nn.Module):
         row_loss = torch.zeros(labels.shape[0], device=labels.device).index_add_(0, rows, token_loss.detach())
         real_groups = inputs["token_groups"][mask.bool()]
         return SupervisedLoss(loss_sum=token_loss.sum(), row_loss=row_loss, row_tokens=keep.sum(1),
-                              group_tokens=torch.bincount(real_groups, minlength=NUM_TOKEN_GROUPS))
+                              group_tokens=torch.bincount(real_groups, minlength=NUM_TOKEN_GROUPS),
+                              tower_features=tower_features)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_counts=None, image_features=None,
                  **kwargs) -> torch.Tensor:
