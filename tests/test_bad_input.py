@@ -202,3 +202,36 @@ def test_llamafactory_records_fail_one_by_one_with_the_mapping_named(tmp_path):
     assert [r["index"] for r in rejected] == [1, 2, 3]
     assert all(r["file"].endswith("mllm_demo.json") for r in rejected)
     assert "'function_call'" in rejected[0]["detail"] and "columns.messages of dataset 'mine'" in rejected[1]["detail"]
+
+
+def test_when_every_image_is_missing_the_report_points_at_image_root(tmp_path):
+    make_image(tmp_path / "data" / "images" / "coco" / "a.png")
+    make_image(tmp_path / "data" / "images" / "coco" / "b.png")
+    path = write_jsonl(tmp_path / "data" / "train.jsonl", [
+        llava("a", question="<image>\nq", image="coco/a.png"), llava("b", question="<image>\nq", image="coco/b.png"),
+        llava("text")])
+    wrong = str(tmp_path / "data")  # the images are under data/images
+    with pytest.raises(DataError) as err:
+        build(config([{"path": path, "image_root": wrong}]))
+    message = str(err.value)
+    assert err.value.reason == "image_missing" and err.value.record_id == "a"
+    assert f"all 2 images of source 'train' are missing under image_root={wrong!r}" in message
+    assert f"exists under {str(tmp_path / 'data' / 'images')!r}: is image_root" in message
+    mixture = build(config([{"path": path, "image_root": wrong}], on_error="skip"), report_dir=str(tmp_path / "run"))
+    report = mixture.reports[0]
+    assert report.kept == 1 and report.skipped == {"image_missing": 2} and len(report.hints) == 1
+    assert json.load(open(tmp_path / "run" / "data_report.json"))["sources"][0]["hints"] == report.hints
+    from mm_teamlora.data import format_report
+
+    assert "hint     train: all 2 images" in format_report(mixture.reports)
+    # found from another wrong root too (the data file's folder is searched)
+    (hint,) = build(config([{"path": path, "image_root": str(tmp_path / "x")}], on_error="skip")).reports[0].hints
+    assert f"exists under {str(tmp_path / 'data' / 'images')!r}" in hint
+    # nowhere to be found: the hint still names the root and the paths tried
+    lost = write_jsonl(tmp_path / "data" / "lost.jsonl", [llava("c", question="<image>\nq", image="gone/c.png")])
+    (hint,) = build(config([{"path": lost, "image_root": wrong}], on_error="skip")).reports[0].hints
+    assert "is image_root right?" in hint and repr(str(tmp_path / "data" / "gone" / "c.png")) in hint
+    # some images found: no hint, the missing ones are counted as usual
+    make_image(tmp_path / "data" / "coco" / "a.png")
+    mixture = build(config([{"path": path, "image_root": wrong}], on_error="skip"))
+    assert mixture.reports[0].skipped == {"image_missing": 1} and not mixture.reports[0].hints

@@ -139,6 +139,7 @@ class SourceReport:
     # every kept record that was changed: file, index, line, id, note, detail (+ tokens, kept_tokens
     # for a truncation)
     noted: list = field(default_factory=list)
+    hints: list = field(default_factory=list)  # what the user most likely has to fix (e.g. image_root)
     sampled: int | None = None  # records drawn by the mixture (None before sampling)
     cache_hit: bool = False
 
@@ -148,7 +149,8 @@ class SourceReport:
         `notes.jsonl`)."""
         d = {"name": self.name, "path": self.path, "records": self.records, "kept": self.kept,
              "skipped": dict(sorted(self.skipped.items())), "notes": dict(sorted(self.notes.items())),
-             "examples": self.examples, "note_examples": self.note_examples, "sampled": self.sampled,
+             "examples": self.examples, "note_examples": self.note_examples, "hints": self.hints,
+             "sampled": self.sampled,
              "cache_hit": self.cache_hit}
         if rejected:
             d["rejected"], d["noted"] = self.rejected, self.noted
@@ -159,7 +161,7 @@ class SourceReport:
         return cls(name=d["name"], path=d["path"], records=d["records"], kept=d["kept"],
                    skipped=Counter(d["skipped"]), notes=Counter(d["notes"]), examples=d["examples"],
                    rejected=d.get("rejected", []), note_examples=d.get("note_examples", {}),
-                   noted=d.get("noted", []), sampled=d.get("sampled"), cache_hit=d.get("cache_hit", False))
+                   noted=d.get("noted", []), hints=d.get("hints", []), sampled=d.get("sampled"), cache_hit=d.get("cache_hit", False))
 
     def note(self, note: str, file: str, index: int | None, line: int | None, record_id: str | None,
              detail: str = "", **extra) -> None:

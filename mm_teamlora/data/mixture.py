@@ -140,6 +140,8 @@ def format_report(reports: list[SourceReport], title: str = "data") -> str:
             where = "" if example.get("index") is None else f" (first: record {example['index']}" + (
                 "" if example.get("id") is None else f", id {example['id']!r}") + ")"
             lines.append(f"  skipped  {r.name}: {reason}: {count}{where}")
+        for hint in r.hints:
+            lines.append(f"  hint     {r.name}: {hint}")
         for note, count in sorted(r.notes.items()):
             example = r.note_examples.get(note, [{}])[0]
             where = "" if example.get("index") is None else f"; first: record {example['index']}" + (

@@ -42,7 +42,7 @@ from .sources import detect_format, parse_record, read_records, reported_id
 from .templates import ConversationTemplate, sequence_length, tokenizer_fingerprint, truncate_tail
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 4  # bump when a change here changes what is written
+CACHE_VERSION = 5  # bump when a change here changes what is written
 BATCH = 512
 DATA_FILE, REPORT_FILE = "data.arrow", "report.json"
 FEATURES = datasets.Features({
@@ -168,10 +168,16 @@ def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationT
     # 2. check every distinct image file once
     distinct = sorted({p for _, _, paths in parsed for p in paths})
     bad = check_images(distinct, mixture.images)
+    hint = _image_root_hint(source, parsed, distinct, bad)
+    if hint is not None:
+        logger.warning("source %s: %s", source.name, hint)
+        report.hints.append(hint)
     usable = []
     for raw, conv, paths in parsed:
         problem = next((bad[p] for p in paths if p in bad), None)
         if problem is not None:
+            if hint is not None and mixture.on_error == "raise":  # the error says it: it is all there is
+                problem = RecordProblem(problem.reason, f"{problem.detail}; {hint}")
             fail(raw, problem, conv.id)
         else:
             usable.append((raw, conv, paths))
@@ -198,6 +204,38 @@ def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationT
                 writer.write_batch(pa.RecordBatch.from_pydict(rows, schema=schema))
                 report.kept += len(rows["id"])
     return report
+
+
+def _image_root_hint(source: SourceConfig, parsed: list, distinct: list[str], bad: dict) -> str | None:
+    """When every image of a source is missing, the likely cause is `image_root`: say which paths
+    were tried and, when the first images exist under a nearby folder, which root would work."""
+    if not distinct or any(bad.get(p) is None or bad[p].reason != "image_missing" for p in distinct):
+        return None
+    root = os.path.abspath(source.image_root) if source.image_root else None
+    tried = distinct[:3]
+    relative = list(dict.fromkeys(p for _, conv, _ in parsed for p in conv.images))[:3]
+    text = (f"all {len(distinct)} images of source {source.name!r} are missing under image_root={root!r} "
+            f"(tried {', '.join(map(repr, tried))}{', ...' if len(distinct) > len(tried) else ''})")
+    found = _find_root(relative, [root] if root else [], os.path.dirname(os.path.abspath(source.path)))
+    if found is not None:
+        return f"{text}; {relative[0]!r} exists under {found!r}: is image_root: {found} meant?"
+    return f"{text}; is image_root right? Paths in the records resolve against it"
+
+
+def _find_root(relative: list[str], roots: list[str], data_dir: str, limit: int = 64) -> str | None:
+    """A folder near `roots` and the data file's folder under which every path of `relative` exists."""
+    near = [data_dir, os.path.dirname(data_dir)] + [r for root in roots for r in (os.path.dirname(root), root)]
+    candidates = list(dict.fromkeys(near))
+    for folder in list(dict.fromkeys(near)):
+        try:
+            with os.scandir(folder) as entries:
+                candidates += sorted(e.path for e in entries if e.is_dir() and not e.name.startswith("."))[:limit]
+        except OSError:
+            continue
+    for folder in dict.fromkeys(candidates):
+        if folder not in roots and all(os.path.isfile(os.path.join(folder, p)) for p in relative):
+            return folder
+    return None
 
 
 def _check_columns(entry: DatasetEntry, objects: list[dict]) -> None:
