@@ -15,6 +15,13 @@ resolve against the run file's folder, or the working directory when given as ov
 ones. The model's tokenizer and tokens per image are the ones that count: the mixture's own
 `tokenizer` key serves `data check` only.
 
+`feature_cache` (default false) stores the frozen vision tower's output features on disk, keyed by
+the tower's fingerprint and each preprocessed image's bytes, and skips the tower for stored images
+from the second epoch on (or the first, when an earlier run stored them): `true` keeps them under
+the package cache (`$MM_TEAMLORA_CACHE/vision_features`), a string names the folder (relative to
+the working directory, as `output_dir`). The log says whether it is on and counts its hits; it
+turns itself off where the tower trains or the preprocessing is random. See train/feature_cache.py.
+
 `seed` sets the data order, dropout and, unless `adapter.seed` is given, the adapter's
 initialisation. `stage: pretrain_projector` trains the projector alone (no adapters, the mixture's
 template forced to `plain`), as LLaVA's stage 1.
@@ -139,6 +146,7 @@ class RunConfig:
     precision: str = "fp32"  # bf16 for GPUs; CPUs without native bf16 run it ~100x slower
     deepspeed: int | str = 2  # ZeRO stage, or the path of a ZeRO JSON
     gradient_checkpointing: bool = False
+    feature_cache: bool | str = False  # true: under the package cache; a string: that folder
     dataloader_workers: int = 0
     val_samples: int = 0  # records held out of the training mixture for the validation loss
     save_steps: int = 0  # a checkpoint every N optimizer steps (0: only at the end)
@@ -170,6 +178,8 @@ class RunConfig:
         if not isinstance(self.deepspeed, str):
             self.deepspeed = _choice("deepspeed", _number("deepspeed", self.deepspeed, int), ZERO_STAGES)
         _flag("gradient_checkpointing", self.gradient_checkpointing)
+        if not isinstance(self.feature_cache, (bool, str)) or self.feature_cache == "":
+            _fail("feature_cache", f"must be true, false or a folder, got {self.feature_cache!r}")
         _flag("tensorboard", self.tensorboard)
         self.dataloader_workers = _number("dataloader_workers", self.dataloader_workers, int, minimum=0)
         self.val_samples = _number("val_samples", self.val_samples, int, minimum=0)

@@ -60,19 +60,22 @@ class StepStats:
     group_tokens: list = field(default_factory=lambda: [0] * NUM_TOKEN_GROUPS)
     source_loss: list = field(default_factory=list)
     source_tokens: list = field(default_factory=list)
+    cache_hits: int = 0  # images whose tower features came from the feature cache
+    cache_misses: int = 0  # images the tower ran on while the cache was on
     flags: list = field(default_factory=lambda: [0.0, 0.0])  # rank 0's decisions: stop, save
 
     def vector(self) -> torch.Tensor:
         return torch.tensor([self.loss_sum, self.aux_sum, self.micro_batches, self.supervised, self.tokens,
-                             *self.group_tokens, *self.source_loss, *self.source_tokens, *self.flags],
-                            dtype=torch.float64)
+                             *self.group_tokens, *self.source_loss, *self.source_tokens, self.cache_hits,
+                             self.cache_misses, *self.flags], dtype=torch.float64)
 
     @classmethod
     def from_vector(cls, v: torch.Tensor, sources: int) -> "StepStats":
         v = v.tolist()
         g, s = NUM_TOKEN_GROUPS, sources
+        end = 5 + g + 2 * s
         return cls(v[0], v[1], int(v[2]), int(v[3]), int(v[4]), [int(x) for x in v[5:5 + g]],
-                   v[5 + g:5 + g + s], v[5 + g + s:5 + g + 2 * s], v[5 + g + 2 * s:])
+                   v[5 + g:5 + g + s], v[5 + g + s:end], int(v[end]), int(v[end + 1]), v[end + 2:])
 
     def reduce(self, sources: int) -> "StepStats":
         return StepStats.from_vector(all_reduce_sum(self.vector()), sources)
@@ -86,6 +89,27 @@ class StepStats:
         return self.aux_sum / max(self.micro_batches, 1)
 
 
+def _forward(engine, batch: dict, feature_cache=None):
+    """The engine's supervised-only forward of one micro-batch; with a feature cache, the stored
+    tower features go in (the tower runs on the other images) and the new ones are stored."""
+    inputs = to_device(batch, engine.device)
+    lookup = None
+    if feature_cache is not None and batch["pixel_values"] is not None:
+        lookup = feature_cache.lookup(batch["pixel_values"])
+        inputs["tower_features"] = [None if f is None else f.to(engine.device) for f in lookup.features]
+    out = engine(**inputs, supervised_only=True)
+    if lookup is not None:
+        feature_cache.store(lookup, out.tower_features)
+    return out, lookup
+
+
+def _count_lookup(stats: StepStats, lookup) -> None:
+    if lookup is not None:
+        missed = len(lookup.missing)
+        stats.cache_hits += len(lookup.keys) - missed
+        stats.cache_misses += missed
+
+
 def _add_output(stats: StepStats, out, sources: list[str], source_index: dict[str, int]) -> None:
     stats.loss_sum += float(out.loss_sum.detach())
     stats.group_tokens = [a + int(b) for a, b in zip(stats.group_tokens, out.group_tokens.tolist())]
@@ -96,10 +120,11 @@ def _add_output(stats: StepStats, out, sources: list[str], source_index: dict[st
 
 
 def train_step(engine, micro_batches: list[dict], source_names: list[str], world_size: int,
-               record: bool = False) -> tuple[StepStats, object | None]:
+               record: bool = False, feature_cache=None) -> tuple[StepStats, object | None]:
     """Forward and backward of every micro-batch, the optimizer step at the last one (DeepSpeed
     steps at its accumulation boundary). Returns this rank's sums and, when `record`, the routing
-    recorded over the step."""
+    recorded over the step. `feature_cache` (a `feature_cache.FeatureCache`) supplies and keeps
+    the frozen tower's features."""
     model = engine.module
     index = {name: i for i, name in enumerate(source_names)}
     stats = StepStats(source_loss=[0.0] * len(source_names), source_tokens=[0] * len(source_names))
@@ -110,7 +135,8 @@ def train_step(engine, micro_batches: list[dict], source_names: list[str], world
     recording = record_routing(model) if routed else contextlib.nullcontext()
     with recording as routing:
         for batch in micro_batches:
-            out = engine(**to_device(batch, engine.device), supervised_only=True)
+            out, lookup = _forward(engine, batch, feature_cache)
+            _count_lookup(stats, lookup)
             aux = collect_aux_loss(model).to(out.loss_sum)
             engine.backward(out.loss_sum * factor + aux)
             engine.step()
@@ -122,14 +148,15 @@ def train_step(engine, micro_batches: list[dict], source_names: list[str], world
 
 
 @torch.no_grad()
-def validate(engine, batches, source_names: list[str]) -> StepStats:
+def validate(engine, batches, source_names: list[str], feature_cache=None) -> StepStats:
     """Summed loss over held-out batches on this rank (every rank runs the same number)."""
     engine.eval()
     index = {name: i for i, name in enumerate(source_names)}
     stats = StepStats(source_loss=[0.0] * len(source_names), source_tokens=[0] * len(source_names))
     try:
         for batch in batches:
-            out = engine(**to_device(batch, engine.device), supervised_only=True)
+            out, lookup = _forward(engine, batch, feature_cache)
+            _count_lookup(stats, lookup)
             _add_output(stats, out, batch["sources"], index)
             stats.supervised += supervised_tokens(batch)
             stats.micro_batches += 1

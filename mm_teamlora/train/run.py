@@ -32,10 +32,10 @@ from tqdm import tqdm
 from ..adapters import trainable_parameter_report
 from ..data import DataCollator, GroupedBatchSampler, MixtureConfig, build_dataset
 from ..files import atomic_write_text
-from . import checkpoint
+from . import checkpoint, feature_cache
 from .config import RunConfig, RunConfigError
 from .data import BatchStream, collate_with_names, split_validation
-from .engine import build_model, deepspeed_config, group_names, init_distributed, initialize, model_config
+from .engine import build_model, deepspeed_config, device, group_names, init_distributed, initialize, model_config
 from .loop import Timer, routing_usage, train_step, validate
 from .metrics import MetricsLog, format_routing, plot_loss_curve
 
@@ -150,6 +150,9 @@ def train(run: RunConfig, resume: str | None = None, overwrite: bool = False) ->
         raise RunConfigError(f"run config: {len(train_view)} training samples give {stream.batches_per_epoch} "
                              f"micro-batches per rank per epoch, fewer than grad_accum={gas}")
 
+    # fingerprinted before ZeRO-3 shards the tower; on every rank, which then all use it or none
+    cache = feature_cache.from_run(run.feature_cache, model, dataset.image_processor,
+                                   bool(dataset.image_counts.sum()), device(), log=rank == 0)
     _seed_everything(run.seed + rank)
     engine, optimizer, _ = initialize(model, run, world, total)
     engine.train()
@@ -167,7 +170,7 @@ def train(run: RunConfig, resume: str | None = None, overwrite: bool = False) ->
     log = MetricsLog(run_dir, run.tensorboard, resume_step=step) if rank == 0 else None
     names = group_names(optimizer)
     result = _steps(run, engine, stream, val_view, collator, source_names, log, names, step, total, rank, world,
-                    state)
+                    state, cache)
     if log is not None:
         log.close()
         plot_loss_curve(run_dir)
@@ -182,7 +185,7 @@ def _val_batches(view, collator, run: RunConfig, rank: int, world: int):
 
 
 def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, source_names, log, group_names_,
-           step: int, total: int, rank: int, world: int, state: dict) -> RunResult:
+           step: int, total: int, rank: int, world: int, state: dict, cache=None) -> RunResult:
     gas, o = run.optim.grad_accum, run.optim
     kill_at = int(os.environ.get(KILL_AT_STEP, "0"))
     batches = iter(stream)
@@ -192,11 +195,12 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
     train_loss, val_loss = state.get("train_loss"), state.get("val_loss")
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)
     stopped = False
+    cached = {"epoch": stream.position.epoch, "hits": 0, "misses": 0}
     while step < total and not stopped:
         micro = [next(batches) for _ in range(gas)]
         lrs = [g["lr"] for g in engine.optimizer.param_groups]
         logging_step = (step + 1) % run.log_steps == 0 or step + 1 == total
-        stats, routing = train_step(engine, micro, source_names, world, record=logging_step)
+        stats, routing = train_step(engine, micro, source_names, world, record=logging_step, feature_cache=cache)
         step += 1
         if rank == 0:
             elapsed = time.perf_counter() - started
@@ -204,6 +208,8 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
                            float(run.save_minutes is not None and time.perf_counter() - last_save >= run.save_minutes * 60)]
         stats = stats.reduce(len(source_names))
         stopped = bool(stats.flags[0])
+        if cache is not None:
+            _count_cache(cached, stats, micro[-1]["epoch"], step, rank)
         seconds = timer.lap()
         window["tokens"] += stats.tokens
         window["seconds"] += seconds
@@ -213,6 +219,8 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
         bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{lrs[0]:.2e}", tok_s=f"{stats.tokens / seconds:.0f}")
         if logging_step:
             record = _record(step, stream, stats, lrs, group_names_, engine, window, source_names)
+            if cache is not None:
+                record["feature_cache"] = {"hits": stats.cache_hits, "misses": stats.cache_misses}
             if routing is not None:
                 record["routing"] = usage = routing_usage(routing)
                 if rank == 0:
@@ -222,7 +230,7 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
             window = {"tokens": 0, "seconds": 0.0}
         last = step == total or stopped
         if val_view is not None and ((run.eval_steps and step % run.eval_steps == 0) or last):
-            val_loss = _validate(run, engine, val_view, collator, source_names, log, step, rank, world)
+            val_loss = _validate(run, engine, val_view, collator, source_names, log, step, rank, world, cache)
         if last or (run.save_steps and step % run.save_steps == 0) or stats.flags[1]:
             trainer_state = {"step": step, "total_steps": total, "finished": step == total,
                              "stopped_by": "max_minutes" if stopped and step < total else None,
@@ -242,11 +250,26 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
         timer.lap()  # validation and saving do not count as training time
     bar.close()
     train_seconds = time.perf_counter() - started
+    if cache is not None and rank == 0:
+        logger.info("vision feature cache: %d hits, %d misses in this sitting's %s (training images, all ranks)",
+                    cached["hits"], cached["misses"], f"{step} steps" if step != 1 else "step")
     if stopped and step < total and rank == 0:
         logger.info("max_minutes=%g reached: stopped at step %d of %d (checkpoint saved); --resume auto continues",
                     o.max_minutes, step, total)
     return RunResult(run.output_dir, checkpoint.latest(run.output_dir), step, total, step == total, train_loss,
                      val_loss, sitting_tokens / max(train_seconds, 1e-9), train_seconds)
+
+
+def _count_cache(counts: dict, stats, epoch: int, step: int, rank: int) -> None:
+    """Sum the cache's hits and misses over ranks; rank 0 logs the sums so far at the first step
+    that reaches a new epoch (a step may hold micro-batches of two)."""
+    counts["hits"] += stats.cache_hits
+    counts["misses"] += stats.cache_misses
+    if epoch != counts["epoch"]:
+        counts["epoch"] = epoch
+        if rank == 0:
+            logger.info("vision feature cache: %d hits, %d misses so far (step %d, into epoch %d; training images, "
+                        "all ranks)", counts["hits"], counts["misses"], step, epoch)
 
 
 def _record(step, stream, stats, lrs, names, engine, window, source_names) -> dict:
@@ -261,8 +284,9 @@ def _record(step, stream, stats, lrs, names, engine, window, source_names) -> di
             "loss_by_source": by_source, "peak_mem_mb": _peak_memory_mb()}
 
 
-def _validate(run, engine, view, collator, source_names, log, step, rank, world) -> float:
-    stats = validate(engine, _val_batches(view, collator, run, rank, world), source_names).reduce(len(source_names))
+def _validate(run, engine, view, collator, source_names, log, step, rank, world, cache=None) -> float:
+    stats = validate(engine, _val_batches(view, collator, run, rank, world), source_names,
+                     feature_cache=cache).reduce(len(source_names))
     by_source = {n: stats.source_loss[i] / stats.source_tokens[i] for i, n in enumerate(source_names)
                  if stats.source_tokens[i]}
     if log is not None:
