@@ -57,7 +57,7 @@ def data_check(config: str, model: str = "", out: str = "", tokenizer: str = "",
     or a folder), and images count --image-token-count tokens (or the YAML's `image_token_count`;
     a mixture without images needs none). --out DIR writes DIR/data_report.json.
     Exits 1 when a record fails under `on_error: raise` (or the mixture is empty), 2 on a bad config."""
-    from .data import ConfigError, DataError, MixtureConfig, check_mixture, format_report
+    from .data import ConfigError, DataError, MixtureConfig, WriteError, check_mixture, format_report
     from .data.mixture import write_report
 
     try:
@@ -71,7 +71,7 @@ def data_check(config: str, model: str = "", out: str = "", tokenizer: str = "",
         if out:
             write_report({"config": os.path.abspath(config), "error": e.to_dict()}, out)
         return 1
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, WriteError) as e:
         print(f"data check: {e}")
         return 2
     print(format_report(result.mixture.reports, title=f"mixture {mixture.name!r}"))

@@ -235,3 +235,51 @@ def test_when_every_image_is_missing_the_report_points_at_image_root(tmp_path):
     make_image(tmp_path / "data" / "coco" / "a.png")
     mixture = build(config([{"path": path, "image_root": wrong}], on_error="skip"))
     assert mixture.reports[0].skipped == {"image_missing": 1} and not mixture.reports[0].hints
+
+
+# writing the prepared data: a cache folder that cannot be written, a full disk
+
+def _source(tmp_path):
+    return write_jsonl(tmp_path / "d.jsonl", [llava("a"), llava("b")])
+
+
+def test_an_unwritable_cache_folder_falls_back_to_a_temporary_build_and_says_so(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from mm_teamlora.data import prepare
+
+    def read_only(folder):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(tmp_path / "cache"))
+
+    monkeypatch.setattr(prepare, "atomic_folder", read_only)
+    with caplog.at_level("WARNING", logger="mm_teamlora.data.prepare"):
+        mixture = build(config([{"path": _source(tmp_path)}], cache_dir=str(tmp_path / "cache")), use_cache=True)
+    assert mixture.reports[0].kept == 2 and len(mixture) == 2 and not (tmp_path / "cache").exists()
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "cannot write the data cache" in warning and "Read-only file system" in warning
+    assert str(tmp_path / "cache") in warning and "building it in a temporary folder" in warning
+
+
+def test_a_full_disk_is_a_clear_error_naming_the_folder(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from mm_teamlora.cli import main
+    from mm_teamlora.data import WriteError, prepare
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(prepare.pa, "OSFile", FullDisk)
+    with pytest.raises(WriteError) as err:  # the cache fails, and so does the temporary fallback
+        build(config([{"path": _source(tmp_path)}], cache_dir=str(tmp_path / "cache")), use_cache=True)
+    message = str(err.value)
+    assert "source 'd': cannot write its tokenised data" in message and "No space left on device" in message
+    assert "data.arrow" in message and "$TMPDIR" in message
+    assert not [p for p in (tmp_path / "cache").iterdir()]  # no half-written entry is left behind
+    # `data check` says it in one line, exit 2 (a folder to fix, not a record)
+    (tmp_path / "mix.yaml").write_text(f"tokenizer: tiny\ncache_dir: {tmp_path / 'cache'}\n"
+                                       "sources: [{path: d.jsonl}]\n")
+    assert main(["data", "check", str(tmp_path / "mix.yaml")]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("data check: source 'd': cannot write") and "Traceback" not in out

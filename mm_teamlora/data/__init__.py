@@ -20,7 +20,7 @@ from .collate import DataCollator
 from .config import MixtureConfig, SourceConfig
 from .dataset import InstructionDataset, build_dataset
 from .demo import build_demo_data
-from .errors import NOTES, REASONS, ConfigError, DataError, SourceReport
+from .errors import NOTES, REASONS, ConfigError, DataError, SourceReport, WriteError
 from .images import ImageCheckConfig, ResizeToTensor, check_image, load_image, to_rgb
 from .mixture import Mixture, build_mixture, format_report
 from .prepare import PreparedSource, prepare_source
@@ -30,7 +30,7 @@ from .templates import TEMPLATES, ConversationTemplate, Piece, truncate_tail
 
 __all__ = [
     "CheckResult", "check_mixture", "DataCollator", "MixtureConfig", "SourceConfig", "InstructionDataset",
-    "build_dataset", "NOTES", "REASONS", "ConfigError", "DataError", "SourceReport", "ImageCheckConfig",
+    "build_dataset", "NOTES", "REASONS", "ConfigError", "DataError", "SourceReport", "WriteError", "ImageCheckConfig",
     "ResizeToTensor", "check_image", "load_image", "to_rgb", "Mixture", "build_mixture", "format_report",
     "PreparedSource", "prepare_source", "Conversation", "parse_record", "read_records", "reported_id", "TEMPLATES",
     "ConversationTemplate", "Piece", "truncate_tail", "GroupedBatchSampler", "build_demo_data",

@@ -95,6 +95,19 @@ class ConfigError(ValueError):
     """A mixture config, template or tokenizer that cannot be used at all."""
 
 
+class WriteError(OSError):
+    """The prepared data could not be written (no space left, a read-only or unwritable folder): not a
+    problem of the data. Names the path, the system's reason and what to change."""
+
+    def __init__(self, path: str, error: OSError, advice: str = ""):
+        self.path, self.error, self.advice = path, error, advice
+        reason = error.strerror or str(error) or type(error).__name__
+        super().__init__(error.errno, f"{advice + ': ' if advice else ''}cannot write {path}: {reason}")
+
+    def __str__(self) -> str:
+        return self.args[1]
+
+
 class RecordProblem(Exception):
     """Raised inside record parsing; the caller adds file/index/id and applies the error policy."""
 
@@ -161,7 +174,8 @@ class SourceReport:
         return cls(name=d["name"], path=d["path"], records=d["records"], kept=d["kept"],
                    skipped=Counter(d["skipped"]), notes=Counter(d["notes"]), examples=d["examples"],
                    rejected=d.get("rejected", []), note_examples=d.get("note_examples", {}),
-                   noted=d.get("noted", []), hints=d.get("hints", []), sampled=d.get("sampled"), cache_hit=d.get("cache_hit", False))
+                   noted=d.get("noted", []), hints=d.get("hints", []), sampled=d.get("sampled"),
+                   cache_hit=d.get("cache_hit", False))
 
     def note(self, note: str, file: str, index: int | None, line: int | None, record_id: str | None,
              detail: str = "", **extra) -> None:

@@ -9,7 +9,9 @@ counted but never raised.
 The cache entry is a folder `<cache_dir>/<source name>-<key>/` holding `data.arrow` (loaded with
 `datasets.Dataset.from_file`, memory-mapped: a second run starts at once) and `report.json`,
 written whole by `files.atomic_folder` (an entry is complete or absent; of two processes building
-the same entry, the first to finish wins). Without a cache the source is built in a temporary
+the same entry, the first to finish wins). A cache that cannot be written (a read-only folder, no
+space) is logged and the source built in a temporary folder instead; when that fails too, a
+`WriteError` names the folder, the system's reason and what to change. Without a cache the source is built in a temporary
 folder and held in memory. The key hashes everything the result depends on: the file (absolute
 path, size, modification time), format, image root, template, system prompt, tokenizer
 fingerprint, max length, image token count, truncation, error policy, image check limits and
@@ -35,7 +37,7 @@ import pyarrow as pa
 from ..constants import IGNORE_INDEX, IMAGE_PLACEHOLDER_ID
 from ..files import atomic_folder, is_complete
 from .config import MixtureConfig, SourceConfig
-from .errors import ConfigError, DataError, ErrorPolicy, RecordProblem, SourceReport
+from .errors import ConfigError, DataError, ErrorPolicy, RecordProblem, SourceReport, WriteError
 from .images import check_images, resolve_image_path
 from .llamafactory import DatasetEntry, is_dataset_info, optional_keys, read_dataset_info, required_keys, to_messages
 from .sources import detect_format, parse_record, read_records, reported_id
@@ -100,9 +102,7 @@ def prepare_source(source: SourceConfig, mixture: MixtureConfig, tokenizer,
     template = template or ConversationTemplate(mixture.template, tokenizer, mixture.system_prompt)
     start = time.perf_counter()
     if cache_dir is None:
-        with tempfile.TemporaryDirectory(prefix=f"mm_teamlora-{source.name}-") as work:
-            report = _build(source, mixture, template, os.path.join(work, DATA_FILE), entry)
-            data = datasets.Dataset.from_file(os.path.join(work, DATA_FILE), in_memory=True)
+        report, data = _build_uncached(source, mixture, template, entry)
     else:
         folder = os.path.join(cache_dir, f"{source.name}-{cache_key(source, mixture, tokenizer, entry)}")
         if rebuild:
@@ -111,14 +111,57 @@ def prepare_source(source: SourceConfig, mixture: MixtureConfig, tokenizer,
             logger.info("source %s: cache hit %s", source.name, folder)
             return PreparedSource(source, datasets.Dataset.from_file(os.path.join(folder, DATA_FILE)),
                                   _read_report(folder))
-        with atomic_folder(folder) as work:
-            report = _build(source, mixture, template, os.path.join(work, DATA_FILE), entry)
-            with open(os.path.join(work, REPORT_FILE), "w", encoding="utf-8") as f:
-                json.dump(report.to_dict(rejected=True), f, indent=1)
-        data = datasets.Dataset.from_file(os.path.join(folder, DATA_FILE))
+        try:
+            report = _build_cached(source, mixture, template, folder, entry)
+            data = datasets.Dataset.from_file(os.path.join(folder, DATA_FILE))
+        except WriteError as e:  # the cache cannot be written: build without it, and say so
+            logger.warning("source %s: cannot write the data cache (%s); building it in a temporary folder "
+                           "instead (set cache_dir / $MM_TEAMLORA_CACHE to a writable folder to keep it)",
+                           source.name, e)
+            report, data = _build_uncached(source, mixture, template, entry)
     logger.info("source %s: %d of %d records in %.1fs", source.name, report.kept, report.records,
                 time.perf_counter() - start)
     return PreparedSource(source, data, report)
+
+
+def _build_uncached(source: SourceConfig, mixture: MixtureConfig, template: ConversationTemplate,
+                    entry: DatasetEntry | None) -> tuple[SourceReport, datasets.Dataset]:
+    """Build in a temporary folder and hold the result in memory; a failure to write there is a
+    `WriteError` saying what to change."""
+    stage = "create"
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"mm_teamlora-{source.name}-") as work:
+            stage = "build"
+            report = _build(source, mixture, template, os.path.join(work, DATA_FILE), entry)
+            data = datasets.Dataset.from_file(os.path.join(work, DATA_FILE), in_memory=True)
+    except WriteError as e:
+        raise WriteError(e.path, e.error, f"source {source.name!r}: cannot write its tokenised data (no cache); "
+                                          "free space there or point $TMPDIR at a folder with room") from e.error
+    except OSError as e:
+        if stage != "create":
+            raise
+        raise WriteError(tempfile.gettempdir(), e, f"source {source.name!r}: cannot create a temporary folder; "
+                                                   "point $TMPDIR at a writable folder with room") from e
+    return report, data
+
+
+def _build_cached(source: SourceConfig, mixture: MixtureConfig, template: ConversationTemplate, folder: str,
+                  entry: DatasetEntry | None) -> SourceReport:
+    """Build into `folder` through `atomic_folder`; a failure to create, write or rename the entry
+    is a `WriteError` (what reading and checking the data raises passes unchanged)."""
+    stage = "create"
+    try:
+        with atomic_folder(folder) as work:
+            stage = "build"
+            report = _build(source, mixture, template, os.path.join(work, DATA_FILE), entry)
+            stage = "finish"
+            with open(os.path.join(work, REPORT_FILE), "w", encoding="utf-8") as f:
+                json.dump(report.to_dict(rejected=True), f, indent=1)
+    except OSError as e:
+        if isinstance(e, WriteError) or stage == "build":
+            raise
+        raise WriteError(folder, e) from e
+    return report
 
 
 def _read_report(folder: str) -> SourceReport:
@@ -184,25 +227,28 @@ def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationT
 
     # 3. tokenise, apply the length policy, write
     schema = FEATURES.arrow_schema
-    with pa.OSFile(out_path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        for b in range(0, len(usable), BATCH):
-            batch = usable[b:b + BATCH]
-            rows = {name: [] for name in FEATURES}
-            for (raw, conv, paths), result in zip(batch, template.encode([c.messages for _, c, _ in batch])):
-                if isinstance(result, RecordProblem):
-                    fail(raw, result, conv.id)
-                    continue
-                ids, labels = result
-                row = _apply_length_policy(ids, labels, paths, mixture, policy, source.path, raw, conv)
-                if row is None:
-                    continue
-                for note, info in conv.notes.items():
-                    report.note(note, source.path, raw.index, raw.line, conv.id, **info)
-                for name, value in zip(("id", "input_ids", "labels", "images", "length"), (conv.id,) + row):
-                    rows[name].append(value)
-            if rows["id"]:
-                writer.write_batch(pa.RecordBatch.from_pydict(rows, schema=schema))
-                report.kept += len(rows["id"])
+    try:
+        with pa.OSFile(out_path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for b in range(0, len(usable), BATCH):
+                batch = usable[b:b + BATCH]
+                rows = {name: [] for name in FEATURES}
+                for (raw, conv, paths), result in zip(batch, template.encode([c.messages for _, c, _ in batch])):
+                    if isinstance(result, RecordProblem):
+                        fail(raw, result, conv.id)
+                        continue
+                    ids, labels = result
+                    row = _apply_length_policy(ids, labels, paths, mixture, policy, source.path, raw, conv)
+                    if row is None:
+                        continue
+                    for note, info in conv.notes.items():
+                        report.note(note, source.path, raw.index, raw.line, conv.id, **info)
+                    for name, value in zip(("id", "input_ids", "labels", "images", "length"), (conv.id,) + row):
+                        rows[name].append(value)
+                if rows["id"]:
+                    writer.write_batch(pa.RecordBatch.from_pydict(rows, schema=schema))
+                    report.kept += len(rows["id"])
+    except OSError as e:  # no space, a read-only folder, a quota: the write failed, not the data
+        raise WriteError(out_path, e) from e
     return report
 
 
