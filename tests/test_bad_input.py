@@ -283,3 +283,13 @@ def test_a_full_disk_is_a_clear_error_naming_the_folder(tmp_path, monkeypatch, c
     assert main(["data", "check", str(tmp_path / "mix.yaml")]) == 2
     out = capsys.readouterr().out
     assert out.startswith("data check: source 'd': cannot write") and "Traceback" not in out
+
+
+def test_every_reason_and_note_is_documented_in_the_data_configs_readme():
+    import os
+
+    from fixtures.data.helpers import REPO
+    from mm_teamlora.data import NOTES, REASONS
+
+    text = open(os.path.join(REPO, "data_configs", "README.md"), encoding="utf-8").read()
+    assert [code for code in [*REASONS, *NOTES] if f"| `{code}` |" not in text] == []
