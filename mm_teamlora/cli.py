@@ -48,6 +48,32 @@ def demo(overrides: list[str], minutes: float = DEFAULT_MINUTES, method: str = "
     return 0
 
 
+def compare(config: str, overrides: list[str], out: str = "", nproc: int = 0) -> int:
+    """Compare TeamLoRA with LoRA, MoELoRA and HydraLoRA at matched trainable parameters; write compare.json/.md.
+
+    CONFIG is a comparison YAML (data_configs/compare/demo.yaml is the demo's short form): a base run,
+    the methods, the seeds, the eval TSV, optionally an alpha grid (scored on the validation TSV) and
+    ablations. Every run trains the same optimizer steps through `train`, then every final
+    checkpoint is evaluated (likelihood, CircularEval). A rerun continues: finished runs are never
+    trained again. Trailing KEY=VALUE words override the YAML's keys (e.g. seeds=[0,1,2]
+    eval_limit=50); --out and --nproc override `out` and `nproc`. Exits 1 when a run fails, 2 on
+    unusable arguments."""
+    from .compare import CompareConfig, CompareError, format_table, run_compare
+    from .train import RunConfigError
+    from .train.progress import setup_logging
+
+    setup_logging()
+    extra = [f"out={out}"] * bool(out) + [f"nproc={nproc}"] * bool(nproc)
+    try:
+        result = run_compare(CompareConfig.from_yaml(config, [*(overrides or []), *extra]))
+    except CompareError as e:
+        return _fail(str(e), 1)
+    except (RunConfigError, ValueError, FileNotFoundError) as e:
+        return _failure(e)
+    print(format_table(result))
+    return 0
+
+
 def data_check(config: str, model: str = "", out: str = "", tokenizer: str = "", image_token_count: int = 0,
                rebuild: bool = False, full_decode: bool = False) -> int:
     """Run a data mixture through the whole pipeline without training; print counts by source and reason.
@@ -318,7 +344,7 @@ def _failure(error: Exception) -> int:
 
 # a command is a typed function, or a group of them (`mm-teamlora data check ...`)
 COMMANDS: dict[str, Callable | dict[str, Callable]] = {
-    "demo": demo, "chat": chat, "data": {"check": data_check, "demo": data_demo},
+    "demo": demo, "compare": compare, "chat": chat, "data": {"check": data_check, "demo": data_demo},
     "eval": eval_, "eval-score": eval_score, "inspect-routing": inspect_routing, "train": train, "export": export,
 }
 

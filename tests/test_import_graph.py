@@ -25,6 +25,7 @@ ALLOWED = {
     "eval": FOUNDATION | {"adapters", "model", "data"},
     "train": None,
     "demo": None,  # the main job's recipe, on top of every room
+    "compare": None,  # `mm-teamlora compare`'s recipe, on top of every room (and of demo's data step)
     "cli": None,
 }
 # the adapters room knows nothing of transformers, images, datasets or DeepSpeed

@@ -1,0 +1,209 @@
+"""`mm-teamlora compare` end to end on the tiny preset: 2 methods x 1 seed in this process (nproc 1),
+with matched parameter counts, the eval TSV read only after all training, a rerun that retrains
+and re-evaluates nothing, and the reports' contents."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from mm_teamlora.adapters import AdapterConfig
+from mm_teamlora.adapters.matching import parameter_count
+from mm_teamlora.compare import CompareConfig, CompareConfigError, CompareError, format_table, is_finished, run_compare
+from mm_teamlora.data.demo import build_demo_data
+from test_data_demo import fake_assets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MM_TEAMLORA_CACHE", str(tmp_path / "cache"))
+
+
+def tiny_run(tmp_path, **adapter) -> str:
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": "tiny-random", "data": "unused.yaml", "output_dir": "unused",
+        "adapter": {"method": "teamlora", "r": 8, "num_experts": 4, "alpha": 16, "group_routing": True,
+                    "dropout": 0.0, **adapter},
+        "optim": {"lr": 1e-2, "micro_batch_size": 4, "max_steps": 2}, "deepspeed": 2,
+        "tensorboard": False, "log_steps": 1}))
+    return str(path)
+
+
+@pytest.fixture
+def demo_data(tmp_path):
+    data_dir = str(tmp_path / "data")
+    build_demo_data(data_dir, train_size=120, eval_size=12, val_size=8, assets=fake_assets(tmp_path))
+    return data_dir
+
+
+def compare_config(tmp_path, data_dir, **fields) -> CompareConfig:
+    values = {"base_run": tiny_run(tmp_path), "methods": ["lora", "teamlora"], "seeds": [0], "demo_data": data_dir,
+              "eval_limit": 4, "nproc": 1, "out": str(tmp_path / "cmp"), "routing_samples": 4,
+              "run_overrides": [f"data={os.path.join(data_dir, 'demo.yaml')}"], **fields}
+    return CompareConfig(**values)
+
+
+def test_compare_config_round_trips_and_names_bad_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"base_run": "base.yaml", "eval_data": "eval.tsv", "seeds": [3, 4],
+                                    "alpha_grid": [0.5, 1, 2], "val_data": "val.tsv", "ablations": ["k2"]}))
+    config = CompareConfig.from_yaml(str(path), ["eval_limit=10", "methods=[lora, teamlora]"])
+    assert config.base_run == str(tmp_path / "base.yaml") and config.eval_data == str(tmp_path / "eval.tsv")
+    assert config.methods == ["lora", "teamlora"] and config.eval_limit == 10 and config.alpha_grid == [0.5, 1.0, 2.0]
+    assert CompareConfig.from_dict(yaml.safe_load(config.to_yaml())) == config
+    for overrides, message in ((["method=lora"], r"unknown key\(s\) method; allowed: base_run"),
+                               (["methods=[dora]"], "'dora' is not one of"),
+                               (["seeds=[]"], "seeds: must be a non-empty list"),
+                               (["ablations=[k3]"], "'k3' is not one of"),
+                               (["run_overrides=[seed=3]"], "seed is set by the comparison itself"),
+                               (["run_overrides=[optim.max_minutes=5]"], "optim.max_minutes is set by the comparison"),
+                               (["alpha_grid=[0]"], "multipliers must be positive"),
+                               (["methods=[lora]", "ablations=[moelora_loop]"], "add moelora to methods")):
+        with pytest.raises(CompareConfigError, match=message):
+            CompareConfig.from_yaml(str(path), overrides)
+    with pytest.raises(CompareConfigError, match="give the eval TSV"):
+        CompareConfig(base_run="x.yaml")
+
+
+def test_the_checked_in_short_form_reads():
+    config = CompareConfig.from_yaml(os.path.join(REPO, "data_configs", "compare", "demo.yaml"))
+    assert config.seeds == [0] and not config.alpha_grid and not config.ablations
+    assert sorted(config.methods) == ["hydralora", "lora", "moelora", "teamlora"]
+    assert config.base_run == os.path.join(REPO, "data_configs", "runs", "demo_teamlora.yaml")
+
+
+def test_two_methods_one_seed_end_to_end_then_a_rerun_trains_nothing(tmp_path, demo_data, monkeypatch):
+    import mm_teamlora.eval.routing as routing_module
+    import mm_teamlora.eval.runner as runner_module
+
+    config = compare_config(tmp_path, demo_data)
+    eval_tsv = os.path.join(demo_data, "eval.tsv")
+    train_dirs = [os.path.join(config.out, "runs", n, "train") for n in ("lora-a1-s0", "teamlora-a1-s0")]
+    reads = []
+    for module in (runner_module, routing_module):
+        def spy(path, *args, _original=module.read_mmbench, **kwargs):
+            reads.append((os.path.abspath(str(path)), [is_finished(d) for d in train_dirs]))
+            return _original(path, *args, **kwargs)
+
+        monkeypatch.setattr(module, "read_mmbench", spy)
+    result = run_compare(config)
+    assert result.trained == ["lora-a1-s0", "teamlora-a1-s0"]
+
+    # the eval TSV was read only once both runs had finished training
+    eval_reads = [finished for path, finished in reads if path == os.path.abspath(eval_tsv)]
+    assert eval_reads and all(all(f) for f in eval_reads)
+
+    # matched trainable parameters: LoRA's rank is the one whose count is closest to TeamLoRA's,
+    # and the counts are those of the model training builds (the formula agrees)
+    summary = result.summary
+    plan = json.load(open(os.path.join(config.out, "plan.json")))
+    team, lora = plan["entries"]["teamlora"], plan["entries"]["lora"]
+    assert team["r"] == 8 and plan["reference_adapter_parameters"] == team["adapter_parameters"]
+    shapes_count = lambda r: parameter_count(_shapes(), AdapterConfig(method="lora", r=r))  # noqa: E731
+    target = team["adapter_parameters"]
+    assert all(abs(shapes_count(lora["r"]) - target) <= abs(shapes_count(lora["r"] + d) - target) for d in (-1, 1))
+    for entry in (team, lora):
+        assert entry["adapter_parameters"] == entry["formula_count"]
+        assert entry["trainable_parameters"] > entry["adapter_parameters"]  # the projector trains too
+    # the same update gain at uniform routing: TeamLoRA alpha / (r/k) = 16 / 2 = 8 = LoRA's alpha / r
+    assert team["effective_gain"] == pytest.approx(8.0) and lora["effective_gain"] == pytest.approx(8.0)
+    assert lora["alpha"] == pytest.approx(8.0 * lora["r"])
+
+    # the same optimizer steps, the seed given to the run and its adapter
+    assert summary["same_steps"] and summary["steps"] == [2]
+    for name in ("lora-a1-s0", "teamlora-a1-s0"):
+        run_config = yaml.safe_load(open(os.path.join(config.out, "runs", name, "train", "run_config.yaml")))
+        assert run_config["seed"] == 0 and run_config["adapter"]["seed"] == 0
+        assert run_config["optim"]["max_minutes"] is None and run_config["optim"]["max_steps"] == 2
+    assert run_config["adapter"]["method"] == "teamlora" and run_config["adapter"]["alpha"] == 16
+
+    # compare.json: every count, accuracy with chance, speed ratios, routing for the routed method
+    methods = summary["methods"]
+    assert set(methods) == {"lora", "teamlora"} and summary["questions"] == 4
+    for name, a in methods.items():
+        assert a["adapter_parameters"] == plan["entries"][name]["adapter_parameters"]
+        assert 0.0 <= a["vanilla"]["mean"] <= 1.0 and a["vanilla"]["std"] is None  # one seed: no spread
+        assert a["tokens_per_s"]["mean"] > 0 and a["peak_mem_mb"]["mean"] > 0 and a["steps"] == [2]
+        assert a["by_category"]
+    assert methods["lora"]["tokens_per_s_vs_lora"] == pytest.approx(1.0)
+    assert methods["teamlora"]["routing_js_bits"]["mean"] is not None
+    assert methods["lora"]["routing_js_bits"]["mean"] is None
+    assert 0 < summary["chance"] < 1 and summary["comparisons"]["teamlora_vs_lora"]["vanilla"]["basis"].startswith(
+        "one seed")
+    md = open(result.paths["md"]).read()
+    for needle in ("| lora |", "| teamlora |", f"{target:,}", "chance", "one seed: no seed spread measured",
+                   "## By category", "No alpha grid was run", "No ablations were run", "causal masking"):
+        assert needle in md, needle
+    assert "teamlora" in format_table(result)
+
+    # a rerun trains nothing and evaluates nothing: the same reports
+    before = open(result.paths["json"]).read()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished comparison was trained or evaluated again")
+
+    import mm_teamlora.model as model_module
+    import mm_teamlora.train as train_module
+
+    monkeypatch.setattr(train_module, "train", refuse)
+    monkeypatch.setattr(model_module.MultimodalLM, "from_pretrained", refuse)
+    again = run_compare(config)
+    assert again.trained == [] and open(again.paths["json"]).read() == before
+
+    # a run folder made with other settings is refused, never overwritten
+    changed = compare_config(tmp_path, demo_data, run_overrides=[*config.run_overrides, "optim.lr=0.5"])
+    with pytest.raises(CompareError, match="made with other settings"):
+        run_compare(changed)
+
+
+def test_an_unfinished_run_resumes_and_an_empty_one_restarts(tmp_path, demo_data, monkeypatch):
+    """A run stopped after a checkpoint continues with --resume auto; a folder without one starts over."""
+    import mm_teamlora.train as train_module
+
+    config = compare_config(tmp_path, demo_data, methods=["lora"], base_run=tiny_run(tmp_path, method="lora", r=4),
+                            eval_limit=2)
+    calls, real = [], train_module.train
+
+    def stop_early(run, resume=None, overwrite=False):
+        calls.append((resume, overwrite))
+        if len(calls) == 1:  # the first sitting: one step, saved, then "killed"
+            run.optim.max_minutes = 1e-9
+        return real(run, resume=resume, overwrite=overwrite)
+
+    monkeypatch.setattr(train_module, "train", stop_early)
+    with pytest.raises(CompareError, match="before its last step"):
+        run_compare(config)
+    result = run_compare(config)
+    assert calls == [(None, False), ("auto", False)]
+    assert result.trained == ["lora-a1-s0"] and result.summary["methods"]["lora"]["steps"] == [2]
+    sittings = json.load(open(os.path.join(config.out, "runs", "lora-a1-s0", "sittings.json")))
+    assert [s["resumed"] for s in sittings] == [False, True]
+
+
+@pytest.mark.slow
+def test_grid_ablations_and_two_ranks(tmp_path, demo_data):
+    """The alpha grid on the validation split, an ablation, and the DeepSpeed launcher (2 CPU ranks)."""
+    config = compare_config(tmp_path, demo_data, methods=["moelora", "teamlora"], nproc=2, alpha_grid=[0.5, 1.0],
+                            ablations=["no_competition", "moelora_loop"], val_limit=4)
+    result = run_compare(config)
+    grid = result.summary["alpha_grid"]
+    assert set(grid["scores"]) == {"moelora", "teamlora"} and all(len(v) == 2 for v in grid["scores"].values())
+    assert set(result.summary["ablations"]) == {"no_competition", "moelora_loop"}
+    plan = json.load(open(os.path.join(config.out, "plan.json")))
+    assert plan["entries"]["moelora"]["r"] == 8  # MoELoRA at TeamLoRA's r: the same capacity less M
+    assert plan["entries"]["no_competition"]["adapter_parameters"] < plan["reference_adapter_parameters"]
+    # the chosen multiplier's grid run is the main run: 4 grid runs + 2 ablations trained, no more
+    assert len(result.trained) == 6
+    assert "## Alpha grid" in open(result.paths["md"]).read()
+
+
+def _shapes():
+    from mm_teamlora.adapters.matching import layer_shapes
+    from mm_teamlora.model import MultimodalConfig, MultimodalLM
+
+    model = MultimodalLM.from_config(MultimodalConfig.preset("tiny-random"))
+    return layer_shapes(model.language_model, AdapterConfig(method="teamlora", r=8, num_experts=4))
