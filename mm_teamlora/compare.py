@@ -20,15 +20,15 @@ Phases (each run skipped when its output is already there; see "Resuming"):
 4. evaluation, only once every run has trained: every run's final checkpoint on the eval TSV
    (likelihood, CircularEval), and the routing report (JS divergence and mutual information of
    router probabilities between image and text tokens) of the routed methods;
-5. reports: compare.json and compare.md in `out` (vanilla and circular accuracy mean +- std over
-   seeds with chance, per category, trainable parameters, tokens/s and training time as ratios to
-   LoRA, peak memory, routing separation, grid and ablations; whether differences lie inside the
-   seed spread is said for each).
+5. reports: compare.json, compare.md and compare.png in `out` (vanilla and circular accuracy
+   mean +- std over seeds with chance, per category, trainable parameters, tokens/s and training
+   time as ratios to LoRA, peak memory, routing separation, grid and ablations; whether
+   differences lie inside the seed spread is said for each).
 
 Layout: OUT/compare_config.yaml, OUT/plan.json, OUT/runs/<label>-a<multiplier>-s<seed>/
 {settings.json, sittings.json, train/, eval/, routing/, val/} (a grid run at the chosen multiplier
 is the main run of its method's first seed: the same folder, trained once), OUT/compare.json,
-OUT/compare.md.
+OUT/compare.md, OUT/compare.png.
 
 Resuming: a run whose final checkpoint says `finished` is never trained again; one with
 checkpoints continues with `--resume auto`; a folder without any restarts (`--overwrite`). An
@@ -43,7 +43,7 @@ form beside the fused one: how much of TeamLoRA's speed is the fusion).
 
 Not yet done (issue 17): the causal masking test (mask the experts image tokens prefer, measure the
 answer loss on image and text-only questions against a random-mask control;
-`inspect-routing --ablate`), and the plot. The recipe logs its progress; the CLI prints.
+`inspect-routing --ablate`). The recipe logs its progress; the CLI prints.
 """
 
 from __future__ import annotations
@@ -609,7 +609,42 @@ def run_compare(config: CompareConfig) -> CompareResult:
     json_path, md_path = os.path.join(config.out, "compare.json"), os.path.join(config.out, "compare.md")
     atomic_write_text(json_path, json.dumps(summary, indent=1) + "\n")
     atomic_write_text(md_path, format_markdown(summary))
-    return CompareResult(config.out, summary, trained, {"json": json_path, "md": md_path})
+    paths = {"json": json_path, "md": md_path}
+    try:
+        paths["plot"] = plot(summary, os.path.join(config.out, "compare.png"))
+    except ImportError as e:
+        logger.warning("no compare.png: %s", e)
+    return CompareResult(config.out, summary, trained, paths)
+
+
+def plot(summary: dict, path: str) -> str:
+    """compare.png: vanilla and circular accuracy per method (mean, error bars: std over seeds)
+    with chance, and tokens/s relative to LoRA. Needs matplotlib."""
+    from .eval.plots import _matplotlib
+    from .files import atomic_write
+
+    plt = _matplotlib()
+    names = list(summary["methods"])
+    rows = list(summary["methods"].values())
+    fig, (acc, speed) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(names), 3.6))
+    for offset, metric, chance in ((-0.2, "vanilla", summary["chance"]), (0.2, "circular", summary["chance_circular"])):
+        means = [100 * (a[metric]["mean"] or 0.0) for a in rows]
+        errors = [100 * (a[metric]["std"] or 0.0) for a in rows]
+        bars = acc.bar([i + offset for i in range(len(names))], means, 0.4, yerr=errors, capsize=3, label=metric)
+        acc.axhline(100 * chance, ls="--", lw=1, color=bars.patches[0].get_facecolor(), label=f"{metric} chance")
+    acc.set_xticks(range(len(names)), names)
+    acc.set_ylabel("accuracy %")
+    acc.set_title(f"{summary['questions']} questions, {len(summary['config']['seeds'])} seed(s)")
+    acc.legend(fontsize=7)
+    ratios = [a["tokens_per_s_vs_lora"] or 0.0 for a in rows]
+    speed.bar(range(len(names)), ratios, 0.6)
+    speed.axhline(1.0, ls="--", lw=1, color="grey")
+    speed.set_xticks(range(len(names)), names)
+    speed.set_ylabel("training tokens/s vs LoRA")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
 
 
 # -- the reports ------------------------------------------------------------------------------
@@ -725,7 +760,7 @@ def summarise(config: CompareConfig, the_plan: dict, main: list[RunSpec], ablati
             "questions": first_report["n"], "methods": methods, "comparisons": comparisons,
             "alpha_grid": {"multipliers": config.alpha_grid, "scores": grid, "chosen": chosen} if grid else None,
             "ablations": ablation_rows,
-            "not_done": ["causal masking test (mask image-/text-preferred experts vs a random-mask control)", "plot"]}
+            "not_done": ["causal masking test (mask image-/text-preferred experts vs a random-mask control)"]}
 
 
 def _pm(stat: dict, scale: float = 100.0, digits: int = 1) -> str:
@@ -752,7 +787,8 @@ def format_markdown(summary: dict) -> str:
              f"{', '.join(map(str, summary['steps']))} (never a time budget)",
              f"- parameters matched to {summary['reference']}'s {summary['reference_adapter_parameters']:,} adapter "
              f"parameters over {summary['adapted_layers']} adapted layers (counted on the model training builds)",
-             f"- alpha: {'each method gets the update gain ' + format(summary['reference_gain'], 'g') + ' of the reference at uniform routing' if c['alpha_policy'] == 'gain' else 'the base run alpha for every method'}"
+             "- alpha: " + (f"each method gets the reference's update gain {summary['reference_gain']:g} at uniform "
+                            "routing" if c["alpha_policy"] == "gain" else "the base run's alpha for every method")
              + (", times the multiplier the alpha grid chose on the validation split" if summary["alpha_grid"] else
                 "; no alpha grid was run"),
              f"- chance: {100 * summary['chance']:.1f}% vanilla, {100 * summary['chance_circular']:.2f}% circular", "",

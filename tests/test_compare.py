@@ -10,7 +10,8 @@ import yaml
 
 from mm_teamlora.adapters import AdapterConfig
 from mm_teamlora.adapters.matching import parameter_count
-from mm_teamlora.compare import CompareConfig, CompareConfigError, CompareError, format_table, is_finished, run_compare
+from mm_teamlora.compare import (CompareConfig, CompareConfigError, CompareError, format_table, is_finished,
+                                 run_compare, verdict)
 from mm_teamlora.data.demo import build_demo_data
 from test_data_demo import fake_assets
 
@@ -67,6 +68,21 @@ def test_compare_config_round_trips_and_names_bad_keys(tmp_path):
             CompareConfig.from_yaml(str(path), overrides)
     with pytest.raises(CompareConfigError, match="give the eval TSV"):
         CompareConfig(base_run="x.yaml")
+
+
+def test_differences_inside_the_seed_spread_are_called_so():
+    def method(*values, ci=(0.2, 0.4)):
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+        return {"vanilla": {"mean": mean, "std": std}, "runs": [{"vanilla_ci95": list(ci)}]}
+
+    inside = verdict(method(0.30, 0.34, 0.38), method(0.28, 0.30, 0.32), "vanilla")
+    assert inside["basis"] == "seed spread" and inside["inside"] and inside["delta"] == pytest.approx(0.04)
+    outside = verdict(method(0.50, 0.51, 0.52), method(0.28, 0.30, 0.32), "vanilla")
+    assert not outside["inside"]
+    one_seed = verdict(method(0.5, ci=(0.45, 0.55)), method(0.3, ci=(0.25, 0.35)), "vanilla")
+    assert one_seed["basis"].startswith("one seed") and not one_seed["inside"]
+    assert verdict(method(0.5, ci=(0.3, 0.7)), method(0.3, ci=(0.2, 0.4)), "vanilla")["inside"]
 
 
 def test_the_checked_in_short_form_reads():
@@ -139,6 +155,7 @@ def test_two_methods_one_seed_end_to_end_then_a_rerun_trains_nothing(tmp_path, d
                    "## By category", "No alpha grid was run", "No ablations were run", "causal masking"):
         assert needle in md, needle
     assert "teamlora" in format_table(result)
+    assert os.path.getsize(result.paths["plot"]) > 0
 
     # a rerun trains nothing and evaluates nothing: the same reports
     before = open(result.paths["json"]).read()
