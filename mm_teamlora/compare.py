@@ -756,6 +756,7 @@ def summarise(config: CompareConfig, the_plan: dict, main: list[RunSpec], ablati
             "reference_adapter_parameters": the_plan["reference_adapter_parameters"],
             "reference_gain": the_plan["reference_gain"], "adapted_layers": the_plan["layers"],
             "steps": steps, "same_steps": len(steps) == 1,
+            "feature_cache": bool(the_plan["key"]["base"].get("feature_cache")),
             "chance": first_report["chance"], "chance_circular": first_report["chance_circular"],
             "questions": first_report["n"], "methods": methods, "comparisons": comparisons,
             "alpha_grid": {"multipliers": config.alpha_grid, "scores": grid, "chosen": chosen} if grid else None,
@@ -808,7 +809,12 @@ def format_markdown(summary: dict) -> str:
               "every sitting (validation and saves included, start-up not); tokens/s: the tokens of those loops "
               "(all ranks) over that time; "
               "peak memory: rank 0's, as the training metrics record it. Routing: image vs text tokens, mean over "
-              "adapted layers, on router probabilities.", "", "## Inside the seed spread?", ""]
+              "adapted layers, on router probabilities."]
+    if summary.get("feature_cache"):
+        lines += ["", "The vision feature cache was on: the first run to train computed the tower's features of "
+                  "the images, later runs read them, so the time and tokens/s ratios favour the runs trained later "
+                  f"(order: {', '.join(methods)}, seed by seed within each method)."]
+    lines += ["", "## Inside the seed spread?", ""]
     for key, verdicts in summary["comparisons"].items():
         ref, other = key.split("_vs_")
         for metric, v in verdicts.items():
@@ -842,6 +848,7 @@ def format_markdown(summary: dict) -> str:
             lines.append(f"| {name} | {a.get('against', '-')} | {a['r']} | {a['num_experts']} | "
                          f"{a['adapter_parameters']:,} | {_pm(a['vanilla'])} | {_pm(a['circular'])} | "
                          f"{_ratio(a.get('tokens_per_s_vs_against'))} | {_pm(a['routing_js_bits'], 1.0, 3)} |")
+        lines.append("")
         for name, a in summary["ablations"].items():
             for metric, v in (a.get("verdict") or {}).items():
                 lines.append(_verdict_line(name, a["against"], metric, v))
