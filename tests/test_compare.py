@@ -224,3 +224,13 @@ def _shapes():
 
     model = MultimodalLM.from_config(MultimodalConfig.preset("tiny-random"))
     return layer_shapes(model.language_model, AdapterConfig(method="teamlora", r=8, num_experts=4))
+
+
+def test_the_cli_command_exits_2_on_unusable_arguments(tmp_path, capsys):
+    from mm_teamlora.cli import main
+
+    demo = os.path.join(REPO, "data_configs", "compare", "demo.yaml")
+    assert main(["compare", demo, "methods=[dora]", "--out", str(tmp_path / "o")]) == 2
+    assert "'dora' is not one of" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "missing.yaml")]) == 2
+    assert not os.path.exists(tmp_path / "o")
