@@ -17,16 +17,17 @@ import typing
 from typing import Callable
 
 from .constants import MC_INSTRUCTION
-from .demo import DEFAULT_MINUTES
+from .demo import BINDING_STEPS, DEFAULT_MINUTES
 
 
 def demo(overrides: list[str], minutes: float = DEFAULT_MINUTES, method: str = "teamlora", out: str = "runs/demo",
          eval_limit: int = 0, skip_eval: bool = False, data_dir: str = "runs/demo-data", nproc: int = 2,
-         config: str = "") -> int:
+         config: str = "", binding_steps: int = BINDING_STEPS) -> int:
     """The main job: fine-tune the embedded default with TeamLoRA on the demo data, and show what it learned.
 
     Builds the demo data (once), evaluates the untuned model on its MMBench-style eval set, trains
-    data_configs/runs/demo_<method>.yaml on --nproc CPU ranks (ZeRO-2) for at most --minutes,
+    data_configs/runs/demo_<method>.yaml on --nproc CPU ranks (ZeRO-2) for at most --minutes (a
+    binding stage of --binding-steps on text-only lettered choices first; 0: none),
     evaluates the tuned checkpoint the same way, writes the routing report and prints the table.
     --eval-limit N evaluates on the first N questions; --skip-eval only trains; --config runs your
     copy of the run YAML instead; trailing KEY=VALUE words override the run config as in `train`
@@ -39,7 +40,7 @@ def demo(overrides: list[str], minutes: float = DEFAULT_MINUTES, method: str = "
     try:
         result = run_demo(DemoConfig(minutes=minutes, method=method, out=out, data_dir=data_dir,
                                      eval_limit=eval_limit, skip_eval=skip_eval, nproc=nproc, config=config,
-                                     overrides=list(overrides or [])))
+                                     overrides=list(overrides or []), binding_steps=binding_steps))
     except DemoError as e:
         return _fail(str(e), 1)
     except (RunConfigError, ValueError, FileNotFoundError) as e:

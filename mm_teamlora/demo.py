@@ -2,12 +2,16 @@
 on the demo data and show what it learned.
 
 Phases (each timed, each skipped when its output is already there and still valid):
-1. data: `data demo` into `data_dir` (train.json, val.tsv, eval.tsv, demo.yaml);
+1. data: `data demo` into `data_dir` (train.json, binding.json, val.tsv, eval.tsv, demo.yaml, binding.yaml);
 2. model: the run's model (`smollm2-dinov2-small`, converted and cached on first use);
 3. eval before: the untuned model (fresh projector, no adapters) on eval.tsv, likelihood + CircularEval;
-4. train: `data_configs/runs/demo_<method>.yaml` through the `train` room on `nproc` CPU ranks
-   (ZeRO-2), `optim.max_minutes` = `minutes`; a previous run folder is moved aside, never deleted;
-5. eval after: the final checkpoint the same way; then the routing report (`inspect-routing`) on
+4. binding stage: the same run config for `binding_steps` steps on binding.yaml alone (text-only
+   lettered choices whose hint states the answer), so the model can answer with a letter before
+   it learns what the pictures and words say (the role LLaVA's stage 1 plays for the projector);
+5. train: `data_configs/runs/demo_<method>.yaml` through the `train` room on `nproc` CPU ranks
+   (ZeRO-2), continuing from the binding stage's checkpoint, `optim.max_minutes` = what is left of
+   `minutes`; a previous run folder is moved aside, never deleted;
+6. eval after: the final checkpoint the same way; then the routing report (`inspect-routing`) on
    eval.tsv with its heatmaps (routed methods only).
 The recipe logs its progress and returns a `DemoResult`; `format_table` is what the CLI prints.
 """
@@ -26,6 +30,7 @@ RUNS_DIR = os.path.join(REPO_ROOT, "data_configs", "runs")
 METHODS = ("teamlora", "lora", "moelora", "hydralora")
 ROUTED = ("teamlora", "moelora", "hydralora")
 DEFAULT_MINUTES = 30.0
+BINDING_STEPS = 60  # the binding probe's letter loss reached ~0 in 35 steps of 8 samples (docs/RESULTS.md)
 logger = logging.getLogger(__name__)
 
 
@@ -43,14 +48,16 @@ class DemoConfig:
     skip_eval: bool = False
     nproc: int = 2  # CPU ranks (or GPUs) of the training launch
     routing_samples: int = 0  # eval questions recorded for the routing report (0: as many as evaluated)
+    binding_steps: int = BINDING_STEPS  # steps of the binding stage before training (0: no such stage)
     config: str = ""  # a run YAML of your own (a copy of data_configs/runs/demo_<method>.yaml); "": that file
     overrides: list[str] = field(default_factory=list)  # dotted KEY=VALUE run-config overrides, as `train` takes
 
     def validate(self) -> "DemoConfig":
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.minutes <= 0 or self.eval_limit < 0 or self.nproc < 1 or self.routing_samples < 0:
-            raise ValueError("--minutes must be > 0, --eval-limit and --routing-samples >= 0, --nproc >= 1")
+        if self.minutes <= 0 or self.eval_limit < 0 or self.nproc < 1 or min(self.routing_samples, self.binding_steps) < 0:
+            raise ValueError("--minutes must be > 0, --eval-limit, --routing-samples and --binding-steps >= 0, "
+                             "--nproc >= 1")
         return self
 
     @property
@@ -88,8 +95,8 @@ def ensure_data(data_dir: str) -> dict:
     if os.path.isfile(info_path):
         with open(info_path, encoding="utf-8") as f:
             info = json.load(f)
-        if info.get("version") == DATA_VERSION and all(os.path.isfile(info[k] or "")
-                                                       for k in ("train", "eval", "val", "binding", "config")):
+        needed = ("train", "eval", "val", "config") + (("binding", "binding_config") if info.get("binding") else ())
+        if info.get("version") == DATA_VERSION and all(os.path.isfile(info.get(k) or "") for k in needed):
             logger.info("demo data: reusing %s", data_dir)
             return info
         logger.info("demo data in %s is from another version of the builder or incomplete: rebuilding", data_dir)
@@ -117,15 +124,35 @@ def _move_aside(run_dir: str) -> None:
                 run_dir, n)
 
 
+def _train(config: DemoConfig, overrides: list[str], run_dir: str) -> str:
+    """Train the demo's run config with `overrides` into `run_dir` (moving a previous one aside);
+    returns its final checkpoint."""
+    from .train import RunConfig
+    from .train.checkpoint import latest
+    from .train.launch import launch
+
+    _move_aside(run_dir)
+    if config.nproc > 1:
+        code = launch(config.run_config, overrides, config.nproc)
+    else:
+        from .train import train
+
+        code = 0 if train(RunConfig.from_yaml(config.run_config, overrides)).checkpoint else 1
+    if code != 0:
+        raise DemoError(f"training exited with code {code}; its log is above, its run folder {run_dir}")
+    checkpoint = latest(run_dir)
+    if not checkpoint:
+        raise DemoError(f"training wrote no checkpoint into {run_dir}")
+    return checkpoint
+
+
 def run_demo(config: DemoConfig) -> DemoResult:
     """Run the main job; see the module doc. Raises DemoError when training fails."""
     import torch
 
     from .model import MultimodalLM
     from .train import RunConfig
-    from .train.checkpoint import latest
     from .train.engine import model_config
-    from .train.launch import launch
 
     config.validate()
     out = config.out
@@ -150,19 +177,23 @@ def run_demo(config: DemoConfig) -> DemoResult:
             result.paths["eval_before"] = os.path.join(out, "eval-before")
             result.before = _evaluate(model, info["eval"], result.paths["eval_before"], config.eval_limit, "untuned")
         del model
+    if config.binding_steps and not info.get("binding_config"):
+        logger.info("no binding stage: %s has no binding.json (built with --binding-size 0)", config.data_dir)
+    elif config.binding_steps:
+        with _phase(result, "binding stage"):
+            stage_dir = f"{run_dir}-binding"
+            # at most a quarter of --minutes, so a short demo still trains on the pictures
+            stage = [f"data={info['binding_config']}", f"optim.max_steps={config.binding_steps}",
+                     f"optim.max_minutes={config.minutes / 4:g}", f"output_dir={stage_dir}", "val_samples=0",
+                     "save_minutes=null", *config.overrides]
+            start = _train(config, stage, stage_dir)
+            with open(os.path.join(stage_dir, "run_state.json"), encoding="utf-8") as f:
+                stage_seconds = json.load(f).get("sitting_seconds", 0.0)
+            result.paths["binding_stage"] = start
+        # --minutes bounds training time, both stages together (start-up and saving aside)
+        overrides += [f"model={start}", f"optim.max_minutes={max(config.minutes - stage_seconds / 60, 0.05):g}"]
     with _phase(result, "train"):
-        _move_aside(run_dir)
-        if config.nproc > 1:
-            code = launch(config.run_config, overrides, config.nproc)
-        else:
-            from .train import train
-
-            code = 0 if train(run).checkpoint else 1
-        if code != 0:
-            raise DemoError(f"training exited with code {code}; its log is above, its run folder {run_dir}")
-        result.checkpoint = latest(run_dir) or ""
-        if not result.checkpoint:
-            raise DemoError(f"training wrote no checkpoint into {run_dir}")
+        result.checkpoint = _train(config, overrides, run_dir)
         with open(os.path.join(run_dir, "run_state.json"), encoding="utf-8") as f:
             result.run_state = json.load(f)
     result.paths.update(run=run_dir, checkpoint=result.checkpoint)

@@ -30,10 +30,10 @@ def tiny_run(tmp_path, **optim) -> str:
 
 def test_demo_builds_data_evaluates_trains_evaluates_and_reports(tmp_path):
     data_dir = str(tmp_path / "data")
-    build_demo_data(data_dir, train_size=240, eval_size=24, val_size=16, assets=fake_assets(tmp_path))
+    build_demo_data(data_dir, train_size=240, eval_size=24, val_size=16, binding_size=16, assets=fake_assets(tmp_path))
     train_json_mtime = os.path.getmtime(os.path.join(data_dir, "train.json"))
     config = DemoConfig(minutes=5, out=str(tmp_path / "out"), data_dir=data_dir, eval_limit=6, nproc=1,
-                        config=tiny_run(tmp_path))
+                        config=tiny_run(tmp_path), binding_steps=2)
     result = run_demo(config)
     # the untuned and the tuned model were scored on the same first 6 questions, every rotation
     assert result.before["overall"]["n"] == result.after["overall"]["n"] == 6
@@ -45,14 +45,20 @@ def test_demo_builds_data_evaluates_trains_evaluates_and_reports(tmp_path):
     assert result.run_state["finished"] and result.run_state["step"] == 3
     assert os.path.basename(result.checkpoint) == "checkpoint-000003"
     MultimodalLM.from_pretrained(result.checkpoint)
-    assert set(result.seconds) == {"data", "model", "eval before", "train", "eval after", "routing"}
+    assert set(result.seconds) == {"data", "model", "eval before", "binding stage", "train", "eval after", "routing"}
+    # the binding stage trained on binding.json alone, and training continued from its checkpoint
+    stage = os.path.dirname(result.paths["binding_stage"])
+    assert os.path.basename(result.paths["binding_stage"]) == "checkpoint-000002"
+    stage_run = yaml.safe_load(open(os.path.join(stage, "run_config.yaml")))
+    assert stage_run["data"].endswith("binding.yaml") and stage_run["optim"]["max_steps"] == 2
+    assert yaml.safe_load(open(os.path.join(result.run_dir, "run_config.yaml")))["model"] == result.paths["binding_stage"]
     table = format_table(result)
     for needle in ("untuned", "tuned", "chance", "by category", "tokens/s", "phases:", result.checkpoint,
                    "routing: image vs text only separation per block"):
         assert needle in table
     # a second run reuses the data and keeps the first run's folder, moved aside
     again = run_demo(DemoConfig(minutes=5, out=str(tmp_path / "out"), data_dir=data_dir, nproc=1, skip_eval=True,
-                                config=tiny_run(tmp_path)))
+                                config=tiny_run(tmp_path), binding_steps=0))
     assert os.path.getmtime(os.path.join(data_dir, "train.json")) == train_json_mtime
     assert os.path.isfile(os.path.join(result.run_dir + ".previous-1", "run_state.json"))
     assert again.before is None and again.after is None and os.path.isdir(again.checkpoint)

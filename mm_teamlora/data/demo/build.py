@@ -21,7 +21,8 @@ Writes, under `out`:
 - `eval.tsv`: MMBench layout (`index, question, hint, A, B, C, D, answer, category, l2-category,
   split, image`), every row four options, `answer` a letter, `split` = `dev`, `image` a base64 PNG;
   text-only rows (WordNet categories) have an empty `image` (`eval_text_only=False` leaves them out).
-- `demo.yaml`: a mixture config over `train.json` that `mm_teamlora.data` accepts.
+- `demo.yaml`: a mixture config over `train.json` and `binding.json` that `mm_teamlora.data` accepts;
+  `binding.yaml`: one over `binding.json` alone (the main job's first, binding stage).
 - `demo_info.json`: counts by source and category, answer-letter counts, asset versions, the
   disjointness report.
 
@@ -113,6 +114,21 @@ sources:
 """
 
 
+def binding_mixture_yaml(binding_json: str) -> str:
+    """The binding stage's mixture: `binding.json` alone (text-only, no images)."""
+    return f"""# The binding stage of the main job: text-only lettered choices whose hint states the answer.
+name: demo_binding
+template: chat
+max_length: 512
+seed: 0
+on_error: raise
+sources:
+  - name: demo_binding
+    path: {binding_json}
+    format: llava
+"""
+
+
 CHECKED_IN_HEADER = """# Checked-in copy pointing at the default output folder (paths relative to data_configs/):
 #   mm-teamlora data demo --out runs/demo-data     (run from the repository root first)
 #   mm-teamlora data check data_configs/demo.yaml --model smollm2-dinov2-small
@@ -177,8 +193,15 @@ def build_demo_data(out: str = DEFAULT_OUT, seed: int = 0, train_size: int | Non
     with open(config_path, "w", encoding="utf-8") as f:
         f.write(mixture_yaml("train.json", ".", "eval.tsv", binding_json="binding.json" if binding_json else None))
     MixtureConfig.from_yaml(config_path)  # the data pipeline accepts it
+    binding_config = None
+    if binding_json:
+        binding_config = os.path.join(out, "binding.yaml")
+        with open(binding_config, "w", encoding="utf-8") as f:
+            f.write(binding_mixture_yaml("binding.json"))
+        MixtureConfig.from_yaml(binding_config)
     info = {"version": DATA_VERSION, "out": os.path.abspath(out), "train": train_json, "eval": eval_tsv,
-            "val": val_tsv, "binding": binding_json, "config": config_path, "seed": seed,
+            "val": val_tsv, "binding": binding_json, "config": config_path,
+            "binding_config": binding_config, "seed": seed,
             **_counts(train_items, eval_items, images), "binding_records": len(binding_items),
             "binding_letters": dict(sorted(Counter(i.letter for i in binding_items).items())),
             "val_questions": len(val_items),
