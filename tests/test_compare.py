@@ -154,6 +154,8 @@ def test_two_methods_one_seed_end_to_end_then_a_rerun_trains_nothing(tmp_path, d
     for needle in ("| lora |", "| teamlora |", f"{target:,}", "chance", "one seed: no seed spread measured",
                    "## By category", "No alpha grid was run", "No ablations were run", "causal masking"):
         assert needle in md, needle
+    # compare.png is written, so the plot is not among the things this command has not done
+    assert "plot" not in md.rpartition("Not yet measured")[2] and "plot" not in summary["not_done"]
     assert "teamlora" in format_table(result)
     assert os.path.getsize(result.paths["plot"]) > 0
 

@@ -1,0 +1,101 @@
+"""Phases 2 and 4, scoring trained runs: the alpha grid's answer-token loss on the validation TSV, and
+the final evaluation (likelihood, CircularEval) with the routing report; both cached per checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from ..files import atomic_write_text
+from .config import ROUTED, CompareConfig, CompareError
+from .plan import RunSpec
+from .runs import read_json
+
+logger = logging.getLogger(__name__)
+
+
+def _checkpoint_stamp(checkpoint: str) -> dict:
+    from ..train.checkpoint import STATE_FILE
+
+    return {"checkpoint": os.path.abspath(checkpoint),
+            "mtime": os.path.getmtime(os.path.join(checkpoint, STATE_FILE))}
+
+
+def _evaluate(model, data: str, out_dir: str, limit: int, circular: bool, name: str):
+    from ..eval import EvalConfig, evaluate
+
+    config = EvalConfig(mode="likelihood", circular=circular, limit=limit)
+    try:
+        return evaluate(model, data, out_dir, config, model_name=name)
+    except ValueError as e:
+        if "other settings" not in str(e):
+            raise
+        logger.info("%s: predictions of another checkpoint or settings: evaluating afresh", out_dir)
+        return evaluate(model, data, out_dir, config, model_name=name, restart=True)
+
+
+def answer_loss(log_path: str, data: str) -> tuple[float, int]:
+    """Mean -log p(the right option's letter) over the questions of a likelihood predictions log,
+    and how many questions it averages."""
+    from ..eval import read_mmbench
+
+    answers = {q.index: q.answer for q in read_mmbench(data).asked(False) if q.answer}
+    losses = []
+    with open(log_path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line) if line.strip() else {}
+            if record.get("index") in answers and record.get("scores"):
+                losses.append(-record["scores"][answers[record["index"]]])
+    if not losses:
+        raise CompareError(f"{log_path}: no scored validation question")
+    return sum(losses) / len(losses), len(losses)
+
+
+def score_on_val(config: CompareConfig, spec: RunSpec) -> dict:
+    """The grid score of a trained run: answer-token loss on the validation TSV (cached)."""
+    from ..model import MultimodalLM
+    from ..train.checkpoint import latest
+
+    checkpoint = latest(spec.train_dir)
+    stamp = {**_checkpoint_stamp(checkpoint), "data": os.path.abspath(config.val_path), "limit": config.val_limit}
+    path = os.path.join(spec.folder, "val_score.json")
+    saved = read_json(path)
+    if saved and saved.get("stamp") == stamp:
+        return saved
+    logger.info("== val %s on %s", spec.name, config.val_path)
+    result = _evaluate(MultimodalLM.from_pretrained(checkpoint), config.val_path, os.path.join(spec.folder, "val"),
+                       config.val_limit, False, checkpoint)
+    loss, n = answer_loss(result.log, config.val_path)
+    out = {"stamp": stamp, "answer_loss": loss, "questions": n, "vanilla": result.report["overall"]["vanilla"]}
+    atomic_write_text(path, json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def evaluate_run(config: CompareConfig, spec: RunSpec) -> dict:
+    """The eval report (and routing summary for routed methods) of a trained run (cached)."""
+    from ..model import MultimodalLM
+    from ..train.checkpoint import latest
+
+    checkpoint = latest(spec.train_dir)
+    routed = spec.method in ROUTED
+    stamp = {**_checkpoint_stamp(checkpoint), "data": os.path.abspath(config.eval_path), "limit": config.eval_limit,
+             "routing_samples": config.routing_samples if routed else None}
+    path = os.path.join(spec.folder, "eval_done.json")
+    saved = read_json(path)
+    eval_dir, routing_dir = os.path.join(spec.folder, "eval"), os.path.join(spec.folder, "routing")
+    if saved and saved.get("stamp") == stamp and os.path.isfile(os.path.join(eval_dir, "report.json")):
+        return {"report": read_json(os.path.join(eval_dir, "report.json")),
+                "routing": read_json(os.path.join(routing_dir, "routing.json")) if routed else None}
+    logger.info("== eval %s on %s", spec.name, config.eval_path)
+    model = MultimodalLM.from_pretrained(checkpoint)
+    report = _evaluate(model, config.eval_path, eval_dir, config.eval_limit, True, checkpoint).report
+    routing = None
+    if routed:
+        from ..eval import inspect_routing
+
+        samples = config.routing_samples or config.eval_limit
+        routing = inspect_routing(model, config.eval_path, routing_dir, max_samples=samples, plots=False,
+                                  model_name=checkpoint)
+    atomic_write_text(path, json.dumps({"stamp": stamp}, indent=1) + "\n")
+    return {"report": report, "routing": routing}

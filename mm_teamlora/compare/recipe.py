@@ -1,0 +1,94 @@
+"""`run_compare`, the phases in order (see the package doc): the plan, the alpha grid, training every
+run, then, once all have trained, the evaluation and the reports."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+from ..files import atomic_write_text
+from .config import CompareConfig, CompareConfigError
+from .evaluation import evaluate_run, score_on_val
+from .plan import plan, run_spec
+from .report import pm, ratio, write_reports
+from .runs import train_run, training_figures
+from .summary import summarise
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CompareResult:
+    out: str
+    summary: dict  # compare.json's content
+    trained: list[str] = field(default_factory=list)  # runs trained in this call (the others were reused)
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+def run_compare(config: CompareConfig) -> CompareResult:
+    """Run (or continue) the comparison; see the package doc. Raises CompareError when a run fails."""
+    config.validate()
+    os.makedirs(config.out, exist_ok=True)
+    atomic_write_text(os.path.join(config.out, "compare_config.yaml"), config.to_yaml())
+    if config.demo_data:
+        from ..demo import ensure_data
+
+        ensure_data(config.demo_data)
+    for what, path in (("eval_data", config.eval_path), ("val_data", config.val_path if config.alpha_grid else "")):
+        if path and not os.path.isfile(path):
+            raise CompareConfigError(f"compare config: {what}: {path} not found")
+    the_plan = plan(config)
+    trained: list[str] = []
+    first = config.seeds[0]
+
+    # alpha grid: every method at every multiplier, first seed, scored on the validation TSV
+    chosen = {m: 1.0 for m in config.methods}
+    grid: dict[str, list[dict]] = {}
+    for method in config.methods if config.alpha_grid else []:
+        for multiplier in config.alpha_grid:
+            spec = run_spec(config, the_plan, method, "grid", first, multiplier)
+            if train_run(config, spec):
+                trained.append(spec.name)
+            score = score_on_val(config, spec)
+            grid.setdefault(method, []).append({"multiplier": multiplier, "alpha": spec.alpha, "run": spec.name,
+                                                "answer_loss": score["answer_loss"], "val_questions": score["questions"],
+                                                "val_vanilla": score["vanilla"]})
+        best = min(grid[method], key=lambda g: (g["answer_loss"], abs(math.log(g["multiplier"]))))
+        chosen[method] = best["multiplier"]
+        logger.info("alpha grid: %s takes alpha %g (x%g), answer loss %.4f on %d validation questions", method,
+                    best["alpha"], best["multiplier"], best["answer_loss"], best["val_questions"])
+
+    # the grid run at the chosen multiplier is the first seed's main run: the same name and folder
+    main = [run_spec(config, the_plan, m, "main", s, chosen[m]) for m in config.methods for s in config.seeds]
+    ablations = []
+    for name in config.ablations:
+        source = the_plan["entries"][name]["method"]
+        spec = run_spec(config, the_plan, name, "ablation", first, chosen.get(source, 1.0))
+        ablations.append(spec)
+    for spec in [*main, *ablations]:
+        if train_run(config, spec):
+            trained.append(spec.name)
+
+    # the eval TSV is read only now, once every run has trained
+    results = {}
+    for spec in [*main, *ablations]:
+        results[spec.name] = {"spec": spec, **evaluate_run(config, spec), "training": training_figures(spec)}
+    summary = summarise(config, the_plan, main, ablations, results, grid, chosen)
+    paths = write_reports(summary, config.out)
+    return CompareResult(config.out, summary, trained, paths)
+
+
+def format_table(result: CompareResult) -> str:
+    """What the CLI prints: the accuracy table and where the reports are."""
+    s = result.summary
+    lines = [f"{'method':12} {'params':>12} {'vanilla %':>14} {'circular %':>14} {'tok/s vs LoRA':>14}"]
+    for name, a in s["methods"].items():
+        lines.append(f"{name:12} {a['adapter_parameters']:>12,} {pm(a['vanilla']):>14} {pm(a['circular']):>14} "
+                     f"{ratio(a['tokens_per_s_vs_lora']):>14}")
+    lines.append(f"chance {100 * s['chance']:.1f}% vanilla, {100 * s['chance_circular']:.2f}% circular; "
+                 f"{s['questions']} questions; steps {', '.join(map(str, s['steps']))}")
+    lines.append(f"trained now: {', '.join(result.trained) or 'nothing (every run had finished)'}")
+    lines += [f"  {k:5} {v}" for k, v in result.paths.items()]
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Training one run of the comparison in its folder: settings.json (a folder made with other settings
+is refused), resuming or restarting, sittings.json, and the training figures of a finished run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+from ..files import atomic_write_text
+from .config import CompareConfig, CompareError
+from .plan import RunSpec, fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+def read_json(path: str, default=None):
+    if not os.path.isfile(path):
+        return default
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def is_finished(train_dir: str) -> bool:
+    """The run's final checkpoint exists and says the schedule ran to its end."""
+    from ..train.checkpoint import latest, read_state
+
+    folder = latest(train_dir)
+    return bool(folder and read_state(folder).get("finished"))
+
+
+def train_run(config: CompareConfig, spec: RunSpec) -> bool:
+    """Train (or continue) one run; False when it had finished already (nothing trained)."""
+    from ..train import RunConfig
+    from ..train.checkpoint import checkpoints
+
+    overrides = spec.overrides(config)
+    run = RunConfig.from_yaml(config.base_run, overrides)
+    settings_path = os.path.join(spec.folder, "settings.json")
+    settings = {"spec": {k: v for k, v in dataclasses.asdict(spec).items() if k != "folder"},
+                "run": fingerprint(run), "overrides": overrides[:-1]}
+    saved = read_json(settings_path)
+    if saved is not None and saved["run"] != settings["run"]:
+        raise CompareError(f"{spec.folder} holds a run made with other settings (its settings.json differs from "
+                           "this comparison's); use another out folder, or move that one aside")
+    if is_finished(spec.train_dir):
+        if saved is None:
+            raise CompareError(f"{spec.train_dir} holds a finished run this comparison did not start (no "
+                               "settings.json); use another out folder, or move it aside")
+        logger.info("%s: finished already, not retrained", spec.name)
+        return False
+    os.makedirs(spec.folder, exist_ok=True)
+    atomic_write_text(settings_path, json.dumps(settings, indent=1) + "\n")
+    resume = "auto" if checkpoints(spec.train_dir) else None
+    overwrite = resume is None and os.path.isdir(spec.train_dir)  # a start that saved nothing: again
+    logger.info("== train %s (%s, r=%d, k=%d, alpha=%g, seed %d)%s", spec.name, spec.method, spec.r,
+                spec.num_experts, spec.alpha, spec.seed, ": resuming" if resume else "")
+    start = time.perf_counter()
+    if config.nproc > 1:
+        from ..train.launch import launch
+
+        code = launch(config.base_run, overrides, config.nproc, resume=resume, overwrite=overwrite)
+    else:
+        from ..train import train
+
+        code = 0 if train(run, resume=resume, overwrite=overwrite).finished else 1
+    seconds = time.perf_counter() - start
+    sittings = read_json(os.path.join(spec.folder, "sittings.json"), [])
+    # the training loop's own time and tokens in this sitting (up to its last save), as run_state.json
+    # has them: start-up (and the first run's tokenising of the mixture) does not count
+    state = read_json(os.path.join(spec.train_dir, "run_state.json"), {})
+    saved = state.get("step") is not None and state.get("step") != (sittings[-1].get("step") if sittings else None)
+    sittings.append({"wall_seconds": round(seconds, 2), "exit_code": code, "resumed": bool(resume),
+                     "step": state.get("step"), "train_seconds": state.get("sitting_seconds", 0.0) if saved else 0.0,
+                     "tokens": state.get("sitting_tokens", 0) if saved else 0})
+    atomic_write_text(os.path.join(spec.folder, "sittings.json"), json.dumps(sittings, indent=1) + "\n")
+    if code != 0 or not is_finished(spec.train_dir):
+        raise CompareError(f"training {spec.name} exited with code {code} before its last step; its log is above, "
+                           f"its run folder {spec.train_dir} (a rerun continues it)")
+    return True
+
+
+def training_figures(spec: RunSpec) -> dict:
+    """Steps, time, tokens/s and peak memory of a finished run, from its own files."""
+    from ..train.checkpoint import latest, read_state
+    from ..train.metrics import read_metrics
+
+    state = read_state(latest(spec.train_dir))
+    records = read_metrics(os.path.join(spec.train_dir, "metrics.jsonl"))
+    peaks = [r["peak_mem_mb"] for r in records if r.get("peak_mem_mb") is not None]
+    sittings = read_json(os.path.join(spec.folder, "sittings.json"), [])
+    seconds = sum(s["train_seconds"] for s in sittings)
+    tokens = sum(s["tokens"] for s in sittings)
+    return {"steps": state["step"], "total_steps": state["total_steps"], "val_loss": state.get("val_loss"),
+            "train_loss": state.get("train_loss"),
+            "train_seconds": round(seconds, 1),  # the training loops' time, validation and saves included
+            "wall_seconds": round(sum(s["wall_seconds"] for s in sittings), 1),  # launches: start-up too
+            "sittings": len(sittings),
+            "tokens_per_s": tokens / seconds if seconds > 0 else None,  # all ranks
+            "peak_mem_mb": max(peaks) if peaks else None}
