@@ -5,8 +5,8 @@ Phases (each timed, each skipped when its output is already there and still vali
 1. data: `data demo` into `data_dir` (train.json, binding.json, val.tsv, eval.tsv, demo.yaml, binding.yaml);
 2. model: the run's model (`smollm2-dinov2-small`, converted and cached on first use);
 3. eval before: the untuned model (fresh projector, no adapters) on eval.tsv, likelihood + CircularEval;
-4. binding stage: the same run config for `binding_steps` steps on binding.yaml alone (text-only
-   lettered choices whose hint states the answer), so the model can answer with a letter before
+4. binding stage: the same run config for `binding_steps` steps at a constant rate on binding.yaml
+   alone (text-only lettered choices whose answer can be read in the prompt), so the model can answer with a letter before
    it learns what the pictures and words say (the role LLaVA's stage 1 plays for the projector);
 5. train: `data_configs/runs/demo_<method>.yaml` through the `train` room on `nproc` CPU ranks
    (ZeRO-2), continuing from the binding stage's checkpoint, `optim.max_minutes` = what is left of
@@ -30,7 +30,7 @@ RUNS_DIR = os.path.join(REPO_ROOT, "data_configs", "runs")
 METHODS = ("teamlora", "lora", "moelora", "hydralora")
 ROUTED = ("teamlora", "moelora", "hydralora")
 DEFAULT_MINUTES = 30.0
-BINDING_STEPS = 60  # the binding probe's letter loss reached ~0 in 35 steps of 8 samples (docs/RESULTS.md)
+BINDING_STEPS = 120  # a probe on copy questions reached ~0 letter loss in 35-40 steps of 8 (docs/RESULTS.md)
 logger = logging.getLogger(__name__)
 
 
@@ -183,7 +183,8 @@ def run_demo(config: DemoConfig) -> DemoResult:
         with _phase(result, "binding stage"):
             stage_dir = f"{run_dir}-binding"
             # at most a quarter of --minutes, so a short demo still trains on the pictures
-            stage = [f"data={info['binding_config']}", f"optim.max_steps={config.binding_steps}",
+            # a constant rate: binding set in suddenly in the probe, and a decayed rate delays it
+            stage = [f"data={info['binding_config']}", f"optim.max_steps={config.binding_steps}", "optim.schedule=constant",
                      f"optim.max_minutes={config.minutes / 4:g}", f"output_dir={stage_dir}", "val_samples=0",
                      "save_minutes=null", *config.overrides]
             start = _train(config, stage, stage_dir)

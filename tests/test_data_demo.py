@@ -23,7 +23,7 @@ from mm_teamlora.data.demo import (L2_CATEGORIES, AssetMissingError, DemoAssets,
                                    mixture_yaml, read_mmbench_tsv)
 from mm_teamlora.constants import IMAGE_PLACEHOLDER
 from mm_teamlora.data.demo.build import CHECKED_IN_HEADER, Item, assign_letters
-from mm_teamlora.data.demo.disjoint import MMBENCH_COLUMNS, write_mmbench_tsv
+from mm_teamlora.data.demo.disjoint import MMBENCH_COLUMNS, quoted_terms, write_mmbench_tsv
 
 # ------------------------------------------------------------------------------------------------
 # fixtures: a tiny WordNet in its own file format, and hand-made images
@@ -429,26 +429,36 @@ def test_train_rotations_write_every_question_once_per_letter(tmp_path):
 
 def test_binding_records_state_the_answer_and_hold_nothing_out(tmp_path):
     out = str(tmp_path / "out")
-    info = build_demo_data(out, seed=0, train_size=240, eval_size=40, val_size=16, binding_size=50,
+    info = build_demo_data(out, seed=0, train_size=240, eval_size=40, val_size=16, binding_size=48,
                            assets=fake_assets(tmp_path))
     records = json.load(open(info["binding"]))
-    assert len(records) == info["binding_records"] == 50
-    train_lines = {line for record in json.load(open(info["train"]))
-                   for line in record["conversations"][0]["value"].splitlines()}
+    assert len(records) == info["binding_records"] == 48 + 24  # hinted twins and half as many copy questions
+    train_records = json.load(open(info["train"]))
+    train_lines = {line for record in train_records for line in record["conversations"][0]["value"].splitlines()}
+    train_words = {w for record in train_records for w in quoted_terms(record["conversations"][0]["value"])}
+    kinds = {"copy": 0, "twin": 0}
     for record in records:
         assert "image" not in record and IMAGE_PLACEHOLDER not in record["conversations"][0]["value"]
         prompt, letter = (turn["value"] for turn in record["conversations"])
-        hint, *lines = prompt.splitlines()
+        first, *lines = prompt.splitlines()
         options = {line[0]: line[3:] for line in lines if line[:3] in ("A. ", "B. ", "C. ", "D. ")}
-        assert len(options) == 4 and hint == f"The correct option reads: {options[letter]}"
-        assert lines[0] in train_lines  # the question of a training record
-    # letters round-robin, every category drawn evenly
-    assert set(info["binding_letters"].values()) <= {12, 13}
+        assert len(options) == 4
+        if first.startswith("Which option is the word"):  # a copy question over training words
+            kinds["copy"] += 1
+            assert first == f'Which option is the word "{options[letter]}"?'
+            assert {o.lower() for o in options.values()} <= train_words
+        else:  # a training question's twin, its hint stating the right option
+            kinds["twin"] += 1
+            assert first == f"The correct option reads: {options[letter]}"
+            assert lines[0] in train_lines
+    assert kinds == {"copy": 24, "twin": 48}
+    assert max(info["binding_letters"].values()) - min(info["binding_letters"].values()) <= 2
     # nothing of val.tsv or eval.tsv (pictures' questions are text-only here: compare stems and words)
     for held_out in (info["val"], info["eval"]):
         report = check_disjoint(info["binding"], held_out, out)
         assert (report["shared_questions"], report["shared_terms"]) == (0, 0)
     mixture = MixtureConfig.from_yaml(info["config"])
     assert [s.name for s in mixture.sources] == ["demo_train", "demo_binding"]
+    assert [s.name for s in MixtureConfig.from_yaml(info["binding_config"]).sources] == ["demo_binding"]
     assert build_demo_data(str(tmp_path / "none"), train_size=120, eval_size=20,
                            assets=fake_assets(tmp_path))["binding"] is None  # a given train_size: none unless asked

@@ -7,8 +7,9 @@ Writes, under `out`:
   word or phrase."), half are multiple-choice prompts answered with a letter, in LLaVA's MMBench
   prompt form: `[hint\\n]question\\nA. ...\\nB. ...\\nC. ...\\nD. ...\\nAnswer with the option's
   letter from the given choices directly.`
-- `binding.json`: text-only multiple-choice records whose hint states the answer (`The correct
-  option reads: red`), one per sampled training question, in the same prompt form. SmolLM2-135M has no
+- `binding.json`: text-only multiple-choice records whose answer can be read in the prompt: copy
+  questions (`Which option is the word "ferry"?` over four training words) and twins of training
+  questions whose hint states the answer (`The correct option reads: red`), in the same prompt form. SmolLM2-135M has no
   lettered-choice ability of its own (it answers "A" to everything): these teach it to map the
   right option to its letter where the option is plain to read, so the image and knowledge
   questions then only need the model to find the answer. They are drawn from the training side
@@ -53,6 +54,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -73,6 +75,8 @@ DEFAULT_TRAIN_SIZE = 3000
 DEFAULT_EVAL_SIZE = 300
 DEFAULT_VAL_SIZE = 200
 DEFAULT_BINDING_SIZE = 800
+DEFAULT_COPY_SIZE = 400
+COPY_QUESTION = 'Which option is the word "{word}"?'
 DATA_VERSION = 2  # 2: binding.json; a demo folder of another version is rebuilt by `mm-teamlora demo`
 BINDING_HINT = "The correct option reads: {answer}"  # unquoted: quoted words are what disjointness compares
 DEFAULT_OUT = "runs/demo-data"
@@ -180,6 +184,8 @@ def build_demo_data(out: str = DEFAULT_OUT, seed: int = 0, train_size: int | Non
     if train_rotations:  # consecutive records: the rotations of one question sit side by side
         train_items = [rotated for item in train_items for rotated in rotations(item)]
     binding_items = binding_twins(train_items, binding_size, np.random.default_rng([plan.seed, 97]))
+    if binding_items:  # and copy questions, the plainest reading of all: half as many
+        binding_items = copy_items(train_items, binding_size // 2, np.random.default_rng([plan.seed, 96])) + binding_items
     train_json, images = _write_train(out, train_items)
     binding_json = _write_train(out, binding_items, "binding.json", "bind")[0] if binding_items else None
     eval_tsv = _write_eval(out, eval_items)
@@ -309,6 +315,22 @@ def binding_twins(items: list[Item], size: int, rng: np.random.Generator) -> lis
     return twins
 
 
+def copy_items(items: list[Item], size: int, rng: np.random.Generator) -> list[Item]:
+    """`size` copy questions over the training side's WordNet words (each asks which of four
+    words is a given one; letters round-robin), or none when there are fewer than four words."""
+    words = sorted({w for item in items if item.source == "wordnet" for w in re.findall(r'"([^"\n]+)"', item.question)})
+    if len(words) < 4:
+        return []
+    out = []
+    for n in range(size):
+        chosen = [words[int(k)] for k in rng.choice(len(words), size=4, replace=False)]
+        answer, distractors = chosen[0], chosen[1:]
+        slot = n % 4
+        out.append(Item("wordnet", "copy", COPY_QUESTION.format(word=answer), answer, distractors,
+                        options=distractors[:slot] + [answer] + distractors[slot:], letter=LETTERS[slot]))
+    return out
+
+
 def _write_train(out: str, items: list[Item], name: str = "train.json", prefix: str = "demo") -> tuple[str, int]:
     """`name` (train.json) and one PNG per distinct image under images/; returns the path and the image count."""
     written: dict[str, str] = {}
@@ -381,8 +403,8 @@ def format_summary(info: dict) -> str:
         f"{info['train_image_files']} images; by source {info['train_by_source']}",
         f"  eval.tsv: {info['eval_questions']} questions ({info['eval_text_only']} text-only); "
         f"by category {info['eval_by_category']}",
-        *([f"  binding.json: {info['binding_records']} text-only multiple-choice records whose hint states "
-           f"the answer; letters {info['binding_letters']}"] if info.get("binding") else []),
+        *([f"  binding.json: {info['binding_records']} text-only multiple-choice records whose answer can be read "
+           f"in the prompt (copy questions, hinted twins); letters {info['binding_letters']}"] if info.get("binding") else []),
         *([f"  val.tsv: {info['val_questions']} questions carved from the training side (choose settings on it); "
            f"by category {info['val_by_category']}"] if info.get("val") else []),
         f"  answer letters: train {info['answer_letters']['train']}, eval {info['answer_letters']['eval']}",
