@@ -4,6 +4,7 @@ transformers' `save_pretrained` writes weights only on global rank 0 once a proc
 the embedded default, converted on first use inside `mm-teamlora train --nproc 2`, once came out of
 rank 1 as a folder of tokenizer files marked complete. `save_hf_model` writes from any rank."""
 
+import json
 import os
 import socket
 
@@ -45,5 +46,6 @@ def test_every_rank_writes_a_loadable_folder(tmp_path):
     for rank in (0, 1):
         folder = tmp_path / f"rank{rank}"
         assert {"config.json", "model.safetensors"} <= set(os.listdir(folder)), rank
+        assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
         loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=0)

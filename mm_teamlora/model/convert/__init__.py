@@ -20,6 +20,7 @@ def save_hf_model(model, folder: str) -> None:
     would come out without them; converters call this instead."""
     from safetensors.torch import save_model
 
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it: AutoModel reads it
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)
