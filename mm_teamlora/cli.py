@@ -252,11 +252,15 @@ def eval_score(predictions: list[str] | None = None, data: str = "", out: str = 
 
 def inspect_routing(model: str = "", data: str = "", out: str = "runs/routing", template: str = "chat",
                     image_root: str = "", batch_size: int = 8, max_samples: int = 0, max_length: int = 0,
-                    on_error: str = "raise", plots: bool = True, device: str = "") -> int:
-    """Record expert routing by token group and category (TSV or conversation JSON); write routing.json and heatmaps.
+                    on_error: str = "raise", plots: bool = True, device: str = "", ablate: bool = False,
+                    ablate_experts: int = 1, ablate_seed: int = 0) -> int:
+    """Record expert routing by token group and category (TSV or conversation JSON); write routing.json, routing.md and heatmaps.
 
     The model needs routed adapters (moelora, hydralora, teamlora). Separation per layer: JS
     divergence of mean router distributions between groups, MI between expert and group.
+    --ablate adds the causal test: per layer, mask the --ablate-experts experts image tokens
+    prefer (then the text-preferred ones, then random ones, seed --ablate-seed) and report the
+    answer-token loss on image and text-only questions against the unmasked model.
     Exits 1 on a bad record under --on-error raise, 2 on unusable arguments, files or models."""
     from .data import DataError
     from .eval import inspect_routing as record_and_analyse, routing_summary_line
@@ -267,10 +271,15 @@ def inspect_routing(model: str = "", data: str = "", out: str = "runs/routing", 
         result = record_and_analyse(_load_model(model, device), data, out, template=template,
                                     image_root=image_root or None, batch_size=batch_size, on_error=on_error,
                                     max_samples=max_samples, max_length=max_length, plots=plots, model_name=model,
-                                    progress=True)
+                                    progress=True, ablate=ablate, ablate_experts=ablate_experts,
+                                    ablate_seed=ablate_seed)
     except (DataError, ValueError, FileNotFoundError, ImportError) as e:
         return _failure(e)
-    print(f"{routing_summary_line(result)}; routing.json and {len(result.get('plots', []))} plots in {out}")
+    print(f"{routing_summary_line(result)}; routing.json, routing.md and {len(result.get('plots', []))} plots in {out}")
+    if ablate:
+        from .eval.ablation import ablation_markdown
+
+        print(ablation_markdown(result["ablation"]))
     return 0
 
 
@@ -282,6 +291,7 @@ def train(config: str, overrides: list[str], resume: str = "", overwrite: bool =
     folder's latest checkpoint (or PATH's); --overwrite deletes a previous run there. --nproc N > 1
     starts DeepSpeed's launcher (GPUs, or N CPU ranks); under a launcher of your own run
     `python -m mm_teamlora.train` instead. Exits 2 on a bad run config, before anything starts."""
+    from .data import DataError, WriteError
     from .train import RunConfig, RunConfigError, train as train_run
     from .train.launch import launch
     from .train.progress import setup_logging
@@ -291,7 +301,7 @@ def train(config: str, overrides: list[str], resume: str = "", overwrite: bool =
         if nproc > 1:
             return launch(config, overrides, nproc, resume=resume or None, overwrite=overwrite)
         result = train_run(RunConfig.from_yaml(config, overrides), resume=resume or None, overwrite=overwrite)
-    except (RunConfigError, ValueError, FileNotFoundError) as e:
+    except (RunConfigError, ValueError, FileNotFoundError, DataError, WriteError) as e:
         return _failure(e)
     print(f"{'finished' if result.finished else 'stopped'} after {result.steps} of {result.total_steps} steps "
           f"({result.tokens_per_s:.0f} tokens/s); checkpoint: {result.checkpoint}")

@@ -293,3 +293,33 @@ def test_every_reason_and_note_is_documented_in_the_data_configs_readme():
 
     text = open(os.path.join(REPO, "data_configs", "README.md"), encoding="utf-8").read()
     assert [code for code in [*REASONS, *NOTES] if f"| `{code}` |" not in text] == []
+
+
+# the same files under `train`: the run folder lists them, and a bad record under raise is one line
+
+def test_train_lists_rejected_and_changed_records_in_its_run_folder(tmp_path, capsys):
+    from mm_teamlora.cli import main
+
+    make_image(tmp_path / "images" / "good.png")
+    records = [llava(f"ok-{i}", question="<image>\nq", image="good.png") for i in range(4)]
+    records[2:2] = [llava("nul", question="q\x00"), llava("no-placeholder", question="q", image="good.png")]
+    write_jsonl(tmp_path / "messy.jsonl", records)
+    mixture = {"tokenizer": "tiny", "max_length": 128, "cache_dir": str(tmp_path / "cache"), "on_error": "skip",
+               "sources": [{"name": "messy", "path": "messy.jsonl", "image_root": "images"}]}
+    write_json(tmp_path / "mix.json", mixture)
+    run = {"data": "mix.json", "model": "tiny-random", "output_dir": str(tmp_path / "run"), "val_samples": 0, "tensorboard": False,
+           "adapter": {"method": "lora", "r": 4}, "optim": {"micro_batch_size": 2, "max_steps": 1}}
+    write_json(tmp_path / "run.json", run)
+    assert main(["train", str(tmp_path / "run.json")]) == 0
+    (rejected,) = [json.loads(x) for x in open(tmp_path / "run" / "rejected.jsonl", encoding="utf-8")]
+    assert (rejected["index"], rejected["line"], rejected["id"], rejected["reason"]) == (2, 3, "nul", "control_characters")
+    assert rejected["file"] == str(tmp_path / "messy.jsonl")
+    (noted,) = [json.loads(x) for x in open(tmp_path / "run" / "notes.jsonl", encoding="utf-8")]
+    assert (noted["id"], noted["note"]) == ("no-placeholder", "image_placeholder_prepended")
+    capsys.readouterr()
+    # under on_error raise the first bad record stops the run before training: one line, exit 1
+    write_json(tmp_path / "mix.json", {**mixture, "on_error": "raise"})
+    assert main(["train", str(tmp_path / "run.json"), f"output_dir={tmp_path / 'raised'}"]) == 1
+    err = capsys.readouterr().err
+    assert "messy.jsonl" in err and "'nul'" in err and "Traceback" not in err
+    assert not list((tmp_path / "raised").glob("checkpoint-*"))

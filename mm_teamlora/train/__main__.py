@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..data import DataError, WriteError
 from .config import RunConfig, RunConfigError
 from .progress import setup_logging
 
@@ -25,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from .run import train
 
         result = train(run, resume=args.resume, overwrite=args.overwrite)
-    except (RunConfigError, FileNotFoundError) as e:
+    except (RunConfigError, ValueError, FileNotFoundError, DataError, WriteError) as e:
+        # one line per rank, as `mm-teamlora train` prints it: 1 for a bad record, 2 for what the user must fix
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, DataError) else 2
     if rank == 0:
         print(f"{'finished' if result.finished else 'stopped'} after {result.steps} of {result.total_steps} steps; "
               f"checkpoint: {result.checkpoint}")
