@@ -289,6 +289,33 @@ def test_a_text_the_tokenizer_rejects_fails_only_its_record(tmp_path):
     assert clean.batched_calls == 1
 
 
+def test_a_row_pyarrow_cannot_store_fails_only_its_record(tmp_path, monkeypatch):
+    """pyarrow gets whole batches; a batch it refuses is written row by row, and only the row it
+    cannot store is `unstorable_record` (its neighbours in the same batch are kept)."""
+    import pyarrow as pa
+
+    from mm_teamlora.data import prepare
+
+    real = pa.RecordBatch.from_pydict
+
+    class PickyBatch:
+        @staticmethod
+        def from_pydict(rows, schema=None):
+            if "b" in rows["id"]:
+                raise pa.ArrowInvalid("Could not convert 'b' with type str: tried to convert to int64")
+            return real(rows, schema=schema)
+
+    monkeypatch.setattr(prepare.pa, "RecordBatch", PickyBatch)
+    path, source = _source(tmp_path, [llava("a"), llava("b"), llava("c")])
+    with pytest.raises(DataError) as info:
+        build(config([source]))
+    assert (info.value.reason, info.value.index, info.value.file) == ("unstorable_record", 1, path)
+    assert "ArrowInvalid" in str(info.value)
+    mixture = build(config([source], on_error="skip", shuffle=False))
+    assert mixture.reports[0].skipped == {"unstorable_record": 1}
+    assert [r["id"] for r in rows(mixture)] == ["a", "c"]
+
+
 def test_a_jsonl_line_json_cannot_parse_fails_only_its_record(tmp_path):
     """json raises RecursionError on deep nesting and ValueError past Python's integer digit
     limit, not JSONDecodeError: both are `invalid_json` for that line alone."""

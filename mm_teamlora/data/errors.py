@@ -51,6 +51,7 @@ REASONS = {
     "empty_question": "a user turn with neither text nor image",
     "empty_answer": "an empty or whitespace-only assistant turn",
     "template_mismatch": "the conversation cannot be rendered by the chosen template",
+    "unstorable_record": "a record whose tokenised values the data cache (pyarrow) cannot store",
     # images
     "bad_image_field": "an image field that is not a path or a list of paths",
     "no_image_root": "the record has images but its source names no image_root",

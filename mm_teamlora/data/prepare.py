@@ -231,7 +231,7 @@ def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationT
         with pa.OSFile(out_path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             for b in range(0, len(usable), BATCH):
                 batch = usable[b:b + BATCH]
-                rows = {name: [] for name in FEATURES}
+                rows, owners = {name: [] for name in FEATURES}, []
                 for (raw, conv, paths), result in zip(batch, template.encode([c.messages for _, c, _ in batch])):
                     if isinstance(result, RecordProblem):
                         fail(raw, result, conv.id)
@@ -244,12 +244,33 @@ def _build(source: SourceConfig, mixture: MixtureConfig, template: ConversationT
                         report.note(note, source.path, raw.index, raw.line, conv.id, **info)
                     for name, value in zip(("id", "input_ids", "labels", "images", "length"), (conv.id,) + row):
                         rows[name].append(value)
-                if rows["id"]:
-                    writer.write_batch(pa.RecordBatch.from_pydict(rows, schema=schema))
-                    report.kept += len(rows["id"])
+                    owners.append((raw, conv))
+                report.kept += _write_rows(writer, schema, rows, owners, fail)
     except OSError as e:  # no space, a read-only folder, a quota: the write failed, not the data
         raise WriteError(out_path, e) from e
     return report
+
+
+def _write_rows(writer, schema, rows: dict[str, list], owners: list, fail) -> int:
+    """Write a batch of rows in one record batch; when pyarrow refuses it, write them one at a time
+    so that only the rows it cannot store fail (`unstorable_record`). Returns the rows written."""
+    if not owners:
+        return 0
+    try:
+        writer.write_batch(pa.RecordBatch.from_pydict(rows, schema=schema))
+        return len(owners)
+    except (pa.ArrowException, ValueError, TypeError, UnicodeError):
+        pass
+    written = 0
+    for i, (raw, conv) in enumerate(owners):
+        try:
+            one = pa.RecordBatch.from_pydict({name: [values[i]] for name, values in rows.items()}, schema=schema)
+        except (pa.ArrowException, ValueError, TypeError, UnicodeError) as e:
+            fail(raw, RecordProblem("unstorable_record", f"{type(e).__name__}: {e}"), conv.id)
+            continue
+        writer.write_batch(one)
+        written += 1
+    return written
 
 
 def _image_root_hint(source: SourceConfig, parsed: list, distinct: list[str], bad: dict) -> str | None:
