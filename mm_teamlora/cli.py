@@ -391,7 +391,7 @@ def _add_command(subparsers, name: str, fn: Callable | dict) -> None:
             parser.add_argument(flag, dest=name, type=typing.get_args(kind)[0], action="append", default=param.default)
         else:
             parser.add_argument(flag, dest=name, type=kind, default=param.default,
-                                help=f"default: {param.default}")
+                                help=f"default: {param.default}" if param.default != "" else None)
     parser.set_defaults(_command=fn)
 
 
