@@ -269,29 +269,13 @@ def test_zero3_two_ranks_one_all_hits_one_text_only_stay_in_step(tmp_path):
     setup): each step rank 0 holds the one image, from the second step on a cache hit, and rank 1
     text only. Rank 0 must still run the tower (on the blank image); skipping it is a gloo
     "collective mismatch". The losses equal those without the cache."""
-    import json
     import subprocess
     import sys
 
-    import yaml
-
-    from fixtures.data.helpers import llava, write_json
     from mm_teamlora.train.metrics import read_metrics
+    from test_train_distributed import write_mixed_zero3_run
 
-    make_image(tmp_path / "red.png", color=(200, 30, 30))
-    write_json(tmp_path / "mixed.json", [llava("img", "<image>\nWhat colour is it?", "Red, all of it.", image="red.png"),
-                                         llava("txt", "Name a colour.", "Blue is a colour.")])
-    (tmp_path / "mixed.yaml").write_text("template: chat\nsources:\n  - path: mixed.json\n    image_root: .\n")
-    (tmp_path / "zero3.json").write_text(json.dumps({
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-        "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
-    run = {"data": "mixed.yaml", "model": "tiny-random", "deepspeed": "zero3.json", "log_steps": 1,
-           "tensorboard": False, "adapter": {"method": "teamlora", "r": 8, "num_experts": 4, "dropout": 0.0},
-           "optim": {"lr": 1e-2, "micro_batch_size": 1, "grad_accum": 1, "max_steps": 4}}
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")},
-           "MM_TEAMLORA_CACHE": str(tmp_path / "cache"), "MM_TEAMLORA_DIST_TIMEOUT": "60", "DS_ACCELERATOR": "cpu"}
+    env = write_mixed_zero3_run(tmp_path, {"dropout": 0.0}, {})
     records = {}
     for name, setting in (("off", "false"), ("on", str(tmp_path / "features"))):
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -24,9 +24,10 @@ from mm_teamlora.train.metrics import read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
+def write_mixed_zero3_run(root, adapter: dict, optim: dict, **top) -> dict:
+    """Write in `root` the one-image + one-text-only mixture and a ZeRO-3 run of the tiny preset with
+    every parameter sharded (`stage3_param_persistence_threshold: 0`); return the environment the
+    ranks are started with (their own cache; no rank variables of an enclosing launcher)."""
     make_image(root / "red.png", color=(200, 30, 30))
     write_json(root / "mixed.json", [llava("img", "<image>\nWhat colour is it?", "Red, all of it.", image="red.png"),
                                      llava("txt", "Name a colour.", "Blue is a colour.")])
@@ -36,12 +37,17 @@ def setup(tmp_path_factory):
         "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     run = {"data": "mixed.yaml", "model": "tiny-random", "deepspeed": "zero3.json", "log_steps": 1,
-           "tensorboard": False, "save_steps": 2,
-           "adapter": {"method": "teamlora", "r": 8, "num_experts": 4, "dropout": 0.1, "group_routing": True},
-           "optim": {"lr": 1e-2, "micro_batch_size": 1, "grad_accum": 1, "max_steps": 4, "warmup_ratio": 0.25}}
+           "tensorboard": False, "adapter": {"method": "teamlora", "r": 8, "num_experts": 4, **adapter},
+           "optim": {"lr": 1e-2, "micro_batch_size": 1, "grad_accum": 1, "max_steps": 4, **optim}, **top}
     (root / "run.yaml").write_text(yaml.safe_dump(run))
-    env = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")},
-           "MM_TEAMLORA_CACHE": str(root / "cache"), "MM_TEAMLORA_DIST_TIMEOUT": "60", "DS_ACCELERATOR": "cpu"}
+    return {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")},
+            "MM_TEAMLORA_CACHE": str(root / "cache"), "MM_TEAMLORA_DIST_TIMEOUT": "60", "DS_ACCELERATOR": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    env = write_mixed_zero3_run(root, {"dropout": 0.1, "group_routing": True}, {"warmup_ratio": 0.25}, save_steps=2)
     return root, env
 
 
