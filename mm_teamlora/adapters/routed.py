@@ -16,6 +16,20 @@ HydraLoRA (Tian et al. 2024): one shared `A (r x d_in)`, k full-rank `B_i (d_out
 The A_i of MoELoRA are stored stacked as one `lora_A (r x d_in)` and the B_i side by side as one
 `lora_B`, so `fused` runs one GEMM per side; `loop` runs one matmul per expert (MoELoRA's
 published form, which also draws dropout per expert; fused and loop agree exactly at dropout 0).
+
+Expert masks (`layer.set_expert_mask`, or `masking.masked_experts` for a model's layers): a set
+`S` of experts is removed from a layer as if it had been built without them, and the layer's own
+normalisation is kept over the rest, so the adapter's total gain stays that of the trained model
+(zeroing weights without renormalising would shrink the whole update as well, confounding "these
+experts' knowledge" with "a smaller update"; TEAMLORA.md 4b). With `keep_i = 0` for `i in S`, else 1:
+    phi' = softmax(R x [+ g] with the logits of S at -inf)  = phi * keep / sum_j phi_j keep_j
+    MoELoRA, HydraLoRA:  w' = phi'                              (sums to 1 over the kept experts)
+    TeamLoRA:            v' = keep * (phi' (I + M)),  w' = k v' / sum(v')  or  k v' / max(|v'|_1, eps)
+(TeamLoRA masks after the competition too: through M a kept expert's phi would otherwise give the
+removed ones weight). Masking nothing is the identity; keeping one expert j forces it: w' = e_j for
+the softmax methods, w' = k e_j for TeamLoRA (when 1 + M_jj > 0). At least one expert must stay.
+The recorder and the balance loss see phi' and w'. A mask is an attribute of the layer (not part
+of its state dict), read by every forward until cleared; it knows nothing of what the tokens are.
 """
 
 from __future__ import annotations
@@ -67,6 +81,7 @@ class RoutedAdapterLayer(AdapterLayer):
         self.group_bias = self._param(torch.zeros(config.num_token_groups, k)) if config.group_routing else None
         self.balance_loss: torch.Tensor | None = None
         self.recorder: LayerRoutingStats | None = None
+        self.expert_mask: torch.Tensor | None = None  # bool (k,): True = expert removed (set_expert_mask)
         # groups and mask of the last forward, for a checkpoint replay: a weak reference to what
         # that forward's autograd graph holds, or (no graph) the tensors until a replay uses them
         self._replay: weakref.ref | _ReplayRouting | None = None
@@ -116,11 +131,39 @@ class RoutedAdapterLayer(AdapterLayer):
             self._replay = kept
 
     def router_probs(self, logits: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
-        """phi = softmax(R x [+ g[group]]) in float32; logits (N, k)."""
+        """phi = softmax(R x [+ g[group]]) in float32; logits (N, k). Masked experts (see the
+        module doc) get probability 0 and the rest are renormalised."""
         logits = as_float32(logits)
         if self.group_bias is not None and groups is not None:
             logits = logits + as_float32(self.group_bias)[groups]
+        if self.expert_mask is not None:
+            logits = logits.masked_fill(self.expert_mask, float("-inf"))
         return logits.softmax(-1)
+
+    def set_expert_mask(self, experts) -> None:
+        """Remove `experts` from this layer's forwards (see the module doc) until cleared with None:
+        expert indices (e.g. [0, 2]) or a bool sequence / tensor of length k (True: removed)."""
+        if experts is None:
+            self.expert_mask = None
+            return
+        k = self.num_experts
+        given = torch.as_tensor(experts)
+        if given.dtype == torch.bool:
+            if given.shape != (k,):
+                raise ValueError(f"an expert mask of a {k}-expert layer must have {k} entries, got shape "
+                                 f"{tuple(given.shape)}")
+            mask = given.clone()
+        else:
+            if given.numel() and (given.dtype.is_floating_point or given.dim() > 1):
+                raise ValueError(f"experts must be integer indices or a bool mask, got {experts!r}")
+            index = given.long().flatten()
+            if index.numel() and (int(index.min()) < 0 or int(index.max()) >= k):
+                raise ValueError(f"expert indices must lie in [0, {k}), got {index.tolist()}")
+            mask = torch.zeros(k, dtype=torch.bool)
+            mask[index] = True
+        if bool(mask.all()):
+            raise ValueError(f"cannot mask all {k} experts of a layer: at least one must remain")
+        self.expert_mask = mask.to(self.router.device)
 
     def _wants_weights(self) -> bool:
         """Whether this forward's expert weights are observed: a balance loss under grad, or a recorder."""

@@ -12,7 +12,9 @@ per-expert rank r_b = r / k and scaling s = alpha / r_b:
     y   = W0 x + b + sum_i w_i h_i
 
 With `competition` off, v = phi and w = k * phi. With every w_i = 1 the layer is exactly a rank-r
-LoRA with scaling alpha / r_b. Two forms compute this, in training, evaluation and generation alike:
+LoRA with scaling alpha / r_b. Expert masks (routed.py): masked experts are out of the softmax (phi
+renormalised over the rest) and v is zeroed on them before the normalisation.
+Two forms compute this, in training, evaluation and generation alike:
 - `fused` (the default, what trains and runs): one GEMM for A, the router's, and one for
   [B_1 ... B_k], as the cost of one rank-r LoRA plus a d_in -> k router:
       sum_i w_i h_i = k s [B_1 ... B_k] dropout(A x * repeat_interleave(w / k, r_b)),
@@ -51,6 +53,8 @@ class TeamLoRALinear(RoutedAdapterLayer):
     def _shares(self, probs: torch.Tensor) -> torch.Tensor:
         """w / k = v / total from router probabilities phi (N, k), float32 (see module doc)."""
         v = probs if self.competition is None else torch.addmm(probs, probs, as_float32(self.competition))
+        if self.expert_mask is not None and self.competition is not None:
+            v = v.masked_fill(self.expert_mask, 0.0)  # removed experts get no weight through M (routed.py)
         if self.config.competition_norm == "reference":
             return v / v.sum(-1, keepdim=True)
         return v / torch.linalg.vector_norm(v, ord=1, dim=-1, keepdim=True).clamp_min(L1_GUARD)

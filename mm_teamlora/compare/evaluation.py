@@ -1,5 +1,6 @@
 """Phases 2 and 4, scoring trained runs: the alpha grid's answer-token loss on the validation TSV, and
-the final evaluation (likelihood, CircularEval) with the routing report; both cached per checkpoint."""
+the final evaluation (likelihood, CircularEval) with the routing report and the expert-masking test;
+each cached per checkpoint."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from .plan import RunSpec
 from .runs import read_json
 
 logger = logging.getLogger(__name__)
+ABLATE_EXPERTS = 1  # experts masked per layer in the causal test of the split
+ABLATE_SEED = 0  # seed of its random-mask control
 
 
 def _checkpoint_stamp(checkpoint: str) -> dict:
@@ -85,8 +88,10 @@ def evaluate_run(config: CompareConfig, spec: RunSpec) -> dict:
     saved = read_json(path)
     eval_dir, routing_dir = os.path.join(spec.folder, "eval"), os.path.join(spec.folder, "routing")
     if saved and saved.get("stamp") == stamp and os.path.isfile(os.path.join(eval_dir, "report.json")):
-        return {"report": read_json(os.path.join(eval_dir, "report.json")),
-                "routing": read_json(os.path.join(routing_dir, "routing.json")) if routed else None}
+        routing = read_json(os.path.join(routing_dir, "routing.json")) if routed else None
+        if routed:
+            routing["ablation"] = masking_test(config, spec, checkpoint, routing)
+        return {"report": read_json(os.path.join(eval_dir, "report.json")), "routing": routing}
     logger.info("== eval %s on %s", spec.name, config.eval_path)
     model = MultimodalLM.from_pretrained(checkpoint)
     report = _evaluate(model, config.eval_path, eval_dir, config.eval_limit, True, checkpoint).report
@@ -98,4 +103,36 @@ def evaluate_run(config: CompareConfig, spec: RunSpec) -> dict:
         routing = inspect_routing(model, config.eval_path, routing_dir, max_samples=samples, plots=False,
                                   model_name=checkpoint)
     atomic_write_text(path, json.dumps({"stamp": stamp}, indent=1) + "\n")
+    if routed:
+        routing["ablation"] = masking_test(config, spec, checkpoint, routing, model)
     return {"report": report, "routing": routing}
+
+
+def masking_test(config: CompareConfig, spec: RunSpec, checkpoint: str, routing: dict, model=None) -> dict:
+    """The causal test of the visual / textual split (`eval.ablation`: ABLATE_EXPERTS experts
+    masked per layer, image-preferred / text-preferred / random with ABLATE_SEED) on the routing
+    report's questions, with the masks chosen from that report; cached in routing/ablation.json
+    per checkpoint, data, sample count and settings (the model is loaded only when it must run)."""
+    from ..eval.ablation import ablate
+    from ..eval.routing import load_samples
+
+    samples = config.routing_samples or config.eval_limit
+    stamp = {**_checkpoint_stamp(checkpoint), "data": os.path.abspath(config.eval_path), "samples": samples,
+             "experts": ABLATE_EXPERTS, "seed": ABLATE_SEED}
+    path = os.path.join(spec.folder, "routing", "ablation.json")
+    saved = read_json(path)
+    if saved and saved.get("stamp") == stamp:
+        return saved["result"]
+    logger.info("== expert masking %s on %s", spec.name, config.eval_path)
+    if model is None:
+        from ..model import MultimodalLM
+
+        model = MultimodalLM.from_pretrained(checkpoint)
+    _, _, answers = load_samples(model, config.eval_path, max_samples=samples, with_answers=True)
+    try:
+        result = ablate(model, answers, routing["layers"], ABLATE_EXPERTS, ABLATE_SEED)
+    except ValueError as e:  # e.g. questions without pictures only: said in the report, not fatal
+        logger.warning("%s: no expert-masking test: %s", spec.name, e)
+        result = {"not_run": str(e)}
+    atomic_write_text(path, json.dumps({"stamp": stamp, "result": result}, indent=1) + "\n")
+    return result

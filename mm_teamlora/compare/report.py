@@ -148,8 +148,61 @@ def format_markdown(summary: dict) -> str:
                 lines.append(_verdict_line(name, a["against"], metric, v))
     else:
         lines += ["", "No ablations were run."]
-    lines += ["", "Not yet measured by this command: " + "; ".join(summary["not_done"]) + ".", ""]
+    lines += masking_lines({**summary["methods"], **summary["ablations"]})
+    if summary["not_done"]:
+        lines += ["", "Not yet measured by this command: " + "; ".join(summary["not_done"]) + "."]
+    lines.append("")
     return "\n".join(lines)
+
+
+def _signed(stat: dict, digits: int = 3) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean']:+.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
+
+
+def masking_lines(rows: dict) -> list[str]:
+    """compare.md's section on the causal masking test: per routed run label, the answer-token
+    loss deltas (mean ± std over seeds) on image / text-only questions for each mask."""
+    tested = {name: a["masking"] for name, a in rows.items() if a.get("masking")}
+    lines = ["", "## Expert masking (causal masking test of the visual / textual split)", ""]
+    if not tested:
+        return lines + ["No routed run has an expert-masking test."]
+    first = next(iter(tested.values()))
+    lines += [f"Per adapted layer, {first['experts_per_layer']} expert(s) masked (renormalised over the rest): those "
+              f"image tokens prefer most ({first['contrast']}, mean router probabilities), those text tokens prefer, "
+              f"or random ones (the control); Δ answer-token loss (masked - unmasked) on "
+              f"{first['questions']['image']} image and {first['questions']['text_only']} text-only questions of the routing sample, mean ± std "
+              "over seeds. Δ img - Δ text > 0: the mask hurts image questions more.", "",
+              "| run | seeds | loss image / text-only | mask | Δ image | Δ text-only | Δ img - Δ text |",
+              "| --- | ---: | --- | --- | ---: | ---: | ---: |"]
+    words = []
+    for name, m in tested.items():
+        base = f"{pm(m['baseline']['image'], 1.0, 3)} / {pm(m['baseline']['text_only'], 1.0, 3)}"
+        for i, (mask, d) in enumerate(m["masks"].items()):
+            lines.append(f"| {name if i == 0 else ''} | {m['runs'] if i == 0 else ''} | {base if i == 0 else ''} | "
+                         f"{mask} | {_signed(d['image'])} | {_signed(d['text_only'])} | "
+                         f"{_signed(d['image_minus_text'])} |")
+        words.append(_masking_words(name, m["masks"]))
+    return lines + [""] + words
+
+
+def _masking_words(name: str, masks: dict) -> str:
+    """Whether the image- and text-preferred masks differ from the random control beyond the seed spread."""
+    control = masks.get("random", {}).get("image_minus_text")
+    parts = []
+    for mask, sign in (("image_preferred", 1), ("text_preferred", -1)):
+        d = masks.get(mask, {}).get("image_minus_text")
+        if not d or d["mean"] is None or not control or control["mean"] is None:
+            parts.append(f"{mask}: not measured")
+            continue
+        gap = d["mean"] - control["mean"]
+        spread = None if d["std"] is None or control["std"] is None else d["std"] + control["std"]
+        direction = "as a causal split predicts" if sign * gap > 0 else "against what a causal split predicts"
+        where = ("one seed: no spread measured" if spread is None else
+                 f"{'INSIDE' if abs(gap) <= spread else 'outside'} the seed spread ± {spread:.3f}")
+        parts.append(f"{mask} {gap:+.3f} vs random ({direction}; {where})")
+    return f"- {name}, Δ img - Δ text against the random control: " + "; ".join(parts)
 
 
 def _verdict_line(a: str, b: str, metric: str, v: dict) -> str:

@@ -1,5 +1,6 @@
 """compare.json's content: per-run rows, mean +- std over seeds per method, ratios to LoRA, the
-seed-spread verdicts and the ablations against the same seed's run."""
+seed-spread verdicts, the ablations against the same seed's run and the expert-masking test of the
+routed runs (loss deltas, mean over seeds)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,32 @@ def _routing_summary(routing: dict | None) -> dict | None:
     sep = routing.get("separation") or {}
     return {"headline": sep.get("headline"), "js_bits": sep.get("mean_headline_js_bits"),
             "mi_soft_bits": sep.get("mean_mi_soft_bits"), "mi_top1_bits": sep.get("mean_mi_top1_bits"),
-            "samples": routing.get("samples")}
+            "samples": routing.get("samples"), "masking": _masking_summary(routing.get("ablation"))}
+
+
+def _masking_summary(ablation: dict | None) -> dict | None:
+    """The expert-masking test of one run: baseline losses and, per mask, the loss deltas."""
+    if not ablation or "masks" not in ablation:
+        return None
+    return {"baseline": ablation["baseline"], "questions": ablation["questions"],
+            "experts_per_layer": ablation["experts_per_layer"], "contrast": ablation["contrast"],
+            "masks": {name: {**m["delta"], "image_minus_text": m["image_minus_text"]}
+                      for name, m in ablation["masks"].items()}}
+
+
+def masking_means(rows: list[dict]) -> dict | None:
+    """Mean +- std over seeds of the masking test's baseline losses and per-mask deltas
+    (image, text_only, image_minus_text); None when no run of `rows` has one."""
+    tests = [(r["routing"] or {}).get("masking") for r in rows]
+    tests = [t for t in tests if t]
+    if not tests:
+        return None
+    names = list(tests[0]["masks"])
+    return {"runs": len(tests), "experts_per_layer": tests[0]["experts_per_layer"], "contrast": tests[0]["contrast"],
+            "questions": tests[0]["questions"],
+            "baseline": {kind: mean_std([t["baseline"][kind] for t in tests]) for kind in ("image", "text_only")},
+            "masks": {name: {key: mean_std([t["masks"][name][key] for t in tests if name in t["masks"]])
+                             for key in ("image", "text_only", "image_minus_text")} for name in names}}
 
 
 def _run_row(result: dict) -> dict:
@@ -57,7 +83,7 @@ def _aggregate(label: str, rows: list[dict], entry: dict) -> dict:
             "steps": sorted({r["training"]["total_steps"] for r in rows}),
             "routing_js_bits": mean_std([(r["routing"] or {}).get("js_bits") for r in rows]),
             "routing_mi_soft_bits": mean_std([(r["routing"] or {}).get("mi_soft_bits") for r in rows]),
-            "runs": rows}
+            "masking": masking_means(rows), "runs": rows}
 
 
 def verdict(a: dict, b: dict, metric: str) -> dict:
@@ -122,5 +148,4 @@ def summarise(config: CompareConfig, the_plan: dict, main: list[RunSpec], ablati
             "chance": first_report["chance"], "chance_circular": first_report["chance_circular"],
             "questions": first_report["n"], "methods": methods, "comparisons": comparisons,
             "alpha_grid": {"multipliers": config.alpha_grid, "scores": grid, "chosen": chosen} if grid else None,
-            "ablations": ablation_rows,
-            "not_done": ["causal masking test (mask image-/text-preferred experts vs a random-mask control)"]}
+            "ablations": ablation_rows, "not_done": []}

@@ -44,6 +44,7 @@ class RoutingSample:
     input_ids: list[int]  # one IMAGE_PLACEHOLDER_ID per image
     category: str
     load_images: Callable[[], list]  # -> PIL images, in placeholder order
+    labels: list[int] | None = None  # supervised (answer) tokens, IGNORE_INDEX elsewhere; None: unknown
 
     @property
     def num_images(self) -> int:
@@ -74,7 +75,8 @@ def samples_from_conversations(path: str, template: ConversationTemplate, image_
                            on_error=on_error, system_prompt=template.system_prompt).validate()
     prepared = prepare_source(source, config, template.tokenizer, template)
     categories = _categories(path, max_samples or None)
-    samples = [RoutingSample(row["input_ids"], categories.get(row["id"], "all"), partial(_load_images, row["images"]))
+    samples = [RoutingSample(row["input_ids"], categories.get(row["id"], "all"), partial(_load_images, row["images"]),
+                             list(row["labels"]))
                for row in prepared.data]
     return samples, prepared.report
 
@@ -183,27 +185,52 @@ def routing_summary_line(result: dict) -> str:
             f"{'-' if js is None else f'{js:.4f}'} bits, MI soft {sep['mean_mi_soft_bits']:.4f} bits")
 
 
-def inspect_routing(model, data: str, out_dir: str, template: str = "chat", image_root: str | None = None,
-                    batch_size: int = 8, on_error: str = "raise", max_samples: int = 0, max_length: int = 0,
-                    plots: bool = True, model_name: str = "", progress: bool = False) -> dict:
-    """Record routing on an MMBench TSV or a conversation JSON/JSONL file; write routing.json,
-    rejected.jsonl (every skipped row or record) and (with `plots`) PNG heatmaps into `out_dir`.
-    Returns the routing.json content."""
-    import json
-
+def load_samples(model, data: str, template: str = "chat", image_root: str | None = None, on_error: str = "raise",
+                 max_samples: int = 0, max_length: int = 0, with_answers: bool = False):
+    """(samples, the file's report, answer samples) of an MMBench TSV or a conversation JSON/JSONL
+    file, as `inspect_routing` reads them. Answer samples (with `with_answers`, else None) are the
+    same questions with labels, for answer-token losses (`ablation.answer_samples`)."""
     chat = ConversationTemplate(template, model.tokenizer)
     if data.endswith(".tsv"):
         mmbench = read_mmbench(data, on_error=on_error)
-        samples, report = samples_from_mmbench(mmbench, chat, PromptConfig(template=template)), mmbench.report
+        prompt = PromptConfig(template=template)
+        samples, report = samples_from_mmbench(mmbench, chat, prompt), mmbench.report
     else:
         samples, report = samples_from_conversations(data, chat, image_root, on_error, max_length,
                                                      model.image_token_count, max_samples)
     if max_samples > 0:
         samples = samples[:max_samples]
+    answers = None
+    if with_answers:
+        from .ablation import answer_samples
+
+        answers = (answer_samples(mmbench, chat, prompt, max_samples) if data.endswith(".tsv")
+                   else [s for s in samples if s.labels is not None])
+    return samples, report, answers
+
+
+def inspect_routing(model, data: str, out_dir: str, template: str = "chat", image_root: str | None = None,
+                    batch_size: int = 8, on_error: str = "raise", max_samples: int = 0, max_length: int = 0,
+                    plots: bool = True, model_name: str = "", progress: bool = False, ablate: bool = False,
+                    ablate_experts: int = 1, ablate_seed: int = 0) -> dict:
+    """Record routing on an MMBench TSV or a conversation JSON/JSONL file; write routing.json,
+    routing.md, rejected.jsonl (every skipped row or record) and (with `plots`) PNG heatmaps into
+    `out_dir`. With `ablate`, also the causal masking test (`ablation.ablate`: `ablate_experts`
+    image-/text-preferred / random experts masked per layer, answer-token losses) under
+    "ablation". Returns the routing.json content."""
+    import json
+
+    samples, report, answers = load_samples(model, data, template, image_root, on_error, max_samples, max_length,
+                                            with_answers=ablate)
     if not samples:
         raise ValueError(f"{data}: no usable samples")
     result = {"data": data, "model": model_name, "skipped": dict(report.skipped),
               **analyse(record_samples(model, samples, batch_size, progress))}
+    if ablate:
+        from .ablation import ablate as run_ablation
+
+        result["ablation"] = run_ablation(model, answers, result["layers"], ablate_experts, ablate_seed, batch_size,
+                                          progress)
     os.makedirs(out_dir, exist_ok=True)
     write_rejected([report], os.path.join(out_dir, REJECTED_FILE))
     if plots:
@@ -211,5 +238,22 @@ def inspect_routing(model, data: str, out_dir: str, template: str = "chat", imag
 
         result["plots"] = [os.path.basename(p) for p in plot_routing(result, out_dir)]
     atomic_write_text(os.path.join(out_dir, "routing.json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(os.path.join(out_dir, "routing.md"), routing_markdown(result))
     return result
 
+
+def routing_markdown(result: dict) -> str:
+    """routing.md: the summary line, the separation per layer and (when run) the masking test's table."""
+    lines = [f"# Routing of {result.get('model') or 'the model'} on {result.get('data', '')}", "",
+             routing_summary_line(result), "", "| layer | headline | JS bits | MI soft bits |",
+             "| --- | --- | ---: | ---: |"]
+    for name, layer in result["layers"].items():
+        sep = layer["separation"]
+        js = sep["headline_js_bits"]
+        lines.append(f"| {name} | {sep['headline']} | {'-' if js is None else f'{js:.4f}'} | "
+                     f"{sep['mi_soft_bits']:.4f} |")
+    if result.get("ablation"):
+        from .ablation import ablation_markdown
+
+        lines += ["", ablation_markdown(result["ablation"])]
+    return "\n".join(lines) + "\n"
