@@ -11,6 +11,7 @@
 from .config import AdapterConfig
 from .inject import adapter_config, adapter_layers, apply_adapters, collect_aux_loss, find_targets, record_routing
 from .lora import AdapterLayer, LoRALinear
+from .masking import masked_experts
 from .routed import HydraLoRALinear, MoELoRALinear, RoutedAdapterLayer, balance_loss
 from .routing import (RoutingInputs, RoutingRecord, checkpoint_context_fn, current_routing, generation_routing,
                       routing_context)
@@ -24,5 +25,5 @@ __all__ = [
     "trainable_parameter_report", "ParameterReport", "routing_context", "current_routing",
     "checkpoint_context_fn", "generation_routing", "RoutingInputs", "RoutingRecord", "collect_aux_loss", "record_routing",
     "balance_loss", "AdapterLayer", "LoRALinear", "MoELoRALinear", "HydraLoRALinear",
-    "TeamLoRALinear", "RoutedAdapterLayer",
+    "TeamLoRALinear", "RoutedAdapterLayer", "masked_experts",
 ]

@@ -41,9 +41,10 @@ that seed): `no_competition` (TeamLoRA without M), `group_routing_off` / `group_
 rank, alpha for the same gain), `moelora_loop` (MoELoRA in its published one-matmul-per-expert
 form beside the fused one: how much of TeamLoRA's speed is the fusion).
 
-Not yet done (issue 17): the causal masking test (mask the experts image tokens prefer, measure the
-answer loss on image and text-only questions against a random-mask control;
-`inspect-routing --ablate`). The recipe logs its progress; the CLI prints.
+The causal masking test (`eval.ablation`): for every routed run, the experts image tokens prefer
+(per layer) are masked, then the text-preferred ones, then as many chosen at random, and the answer
+loss on image and on text-only questions is measured against the unmasked model (compare.md,
+"Expert masking"). The recipe logs its progress; the CLI prints.
 
 Modules, one phase or one idea each: `config` (CompareConfig, its checks and YAML round trip, the
 errors), `plan` (matched ranks and alphas, plan.json, the runs and their folders), `runs` (training one

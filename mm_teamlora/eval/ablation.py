@@ -38,7 +38,7 @@ from ..constants import IGNORE_INDEX, OPTION_LETTERS
 from ..padding import pad_ids, pad_token_id
 from .answers import letter_token_ids
 from .mmbench import encode_question
-from .routing import RoutingSample
+from .samples import RoutingSample
 
 FORMAT = "mm_teamlora.ablation/1"
 MASKS = ("image_preferred", "text_preferred", "random")

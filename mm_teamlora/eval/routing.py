@@ -18,14 +18,12 @@ from __future__ import annotations
 import os
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 
 from ..adapters import record_routing
-from ..constants import GROUP_IMAGE, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE, IMAGE_PLACEHOLDER_ID
+from ..constants import GROUP_IMAGE, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE
 from ..data import (MixtureConfig, SourceConfig, SourceReport, load_image, prepare_source, read_records,
                     reported_id)
 from ..data.errors import REJECTED_FILE, write_rejected
@@ -33,22 +31,11 @@ from ..data.templates import ConversationTemplate
 from ..files import atomic_write_text
 from ..padding import pad_ids, pad_token_id
 from .mmbench import MMBenchData, PromptConfig, encode_question, read_mmbench
+from .samples import RoutingSample
 from .separation import section
 
 FORMAT = "mm_teamlora.routing/1"
 KINDS = ("tokens", "prob", "weight", "top1")
-
-
-@dataclass
-class RoutingSample:
-    input_ids: list[int]  # one IMAGE_PLACEHOLDER_ID per image
-    category: str
-    load_images: Callable[[], list]  # -> PIL images, in placeholder order
-    labels: list[int] | None = None  # supervised (answer) tokens, IGNORE_INDEX elsewhere; None: unknown
-
-    @property
-    def num_images(self) -> int:
-        return sum(1 for t in self.input_ids if t == IMAGE_PLACEHOLDER_ID)
 
 
 def samples_from_mmbench(data: MMBenchData, template: ConversationTemplate,
