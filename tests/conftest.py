@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import yaml
 from transformers import (AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config)
 
 VOCAB = 128
@@ -33,3 +34,21 @@ def batch():
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, :4] = 0  # left padding on the second row
     return ids, mask
+
+
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """Tokenised sources, converted models and vision features stay out of the user's caches."""
+    monkeypatch.setenv("MM_TEAMLORA_CACHE", str(tmp_path / "cache"))
+
+
+def write_tiny_run(path, adapter: dict | None = None, optim: dict | None = None) -> str:
+    """A run YAML of the tiny preset (TeamLoRA r = 8, k = 4, group routing, ZeRO-2) for recipes that
+    set `data` and `output_dir` themselves (`demo`, `compare`); `adapter` / `optim` update its keys."""
+    path.write_text(yaml.safe_dump({
+        "model": "tiny-random", "data": "unused.yaml", "output_dir": "unused",
+        "adapter": {"method": "teamlora", "r": 8, "num_experts": 4, "group_routing": True, "dropout": 0.0,
+                    **(adapter or {})},
+        "optim": {"lr": 1e-2, "micro_batch_size": 4, "max_steps": 3, **(optim or {})}, "deepspeed": 2,
+        "tensorboard": False, "log_steps": 1}))
+    return str(path)

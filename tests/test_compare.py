@@ -8,6 +8,7 @@ import os
 import pytest
 import yaml
 
+from conftest import write_tiny_run
 from mm_teamlora.adapters import AdapterConfig
 from mm_teamlora.adapters.matching import parameter_count
 from mm_teamlora.compare import (CompareConfig, CompareConfigError, CompareError, format_table, is_finished,
@@ -18,20 +19,11 @@ from test_data_demo import fake_assets
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MM_TEAMLORA_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def tiny_run(tmp_path, **adapter) -> str:
-    path = tmp_path / "base.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": "tiny-random", "data": "unused.yaml", "output_dir": "unused",
-        "adapter": {"method": "teamlora", "r": 8, "num_experts": 4, "alpha": 16, "group_routing": True,
-                    "dropout": 0.0, **adapter},
-        "optim": {"lr": 1e-2, "micro_batch_size": 4, "max_steps": 2}, "deepspeed": 2,
-        "tensorboard": False, "log_steps": 1}))
-    return str(path)
+    return write_tiny_run(tmp_path / "base.yaml", {"alpha": 16, **adapter}, {"max_steps": 2})
 
 
 @pytest.fixture

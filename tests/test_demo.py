@@ -7,25 +7,18 @@ import os
 import pytest
 import yaml
 
+from conftest import write_tiny_run
 from mm_teamlora.demo import DemoConfig, format_table, passes_bar, run_demo
 from mm_teamlora.data.demo import build_demo_data
 from mm_teamlora.model import MultimodalLM
 from test_data_demo import fake_assets
 
 
-@pytest.fixture(autouse=True)
-def own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MM_TEAMLORA_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def tiny_run(tmp_path, **optim) -> str:
-    path = tmp_path / "demo_tiny.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": "tiny-random", "data": "unused.yaml", "output_dir": "unused",
-        "adapter": {"method": "teamlora", "r": 8, "num_experts": 4, "group_routing": True, "dropout": 0.0},
-        "optim": {"lr": 1e-2, "micro_batch_size": 4, "max_steps": 3, **optim}, "deepspeed": 2,
-        "tensorboard": False, "log_steps": 1}))
-    return str(path)
+    return write_tiny_run(tmp_path / "demo_tiny.yaml", optim=optim)
 
 
 def test_demo_builds_data_evaluates_trains_evaluates_and_reports(tmp_path):
