@@ -126,6 +126,12 @@ def test_a_mixture_that_disagrees_with_the_model_fails_clearly(tmp_path):
     with pytest.raises(ConfigError, match="has images .* image_token_count is unknown"):
         build_dataset(config, tokenizer(), ResizeToTensor(8), cache_dir=str(tmp_path))
 
+    # a text-only mixture needs no image token count (a text-only peer, `data check` without a model)
+    text_only = MixtureConfig.from_dict({"tokenizer": "tiny", "sources": [
+        {"path": os.path.join(REPO, "tests", "fixtures", "data", "alpaca_small.jsonl"), "format": "alpaca"}]})
+    dataset = build_dataset(text_only, tokenizer(), cache_dir=str(tmp_path))
+    assert len(dataset) > 0 and list(dataset.lengths) == [len(r["input_ids"]) for r in dataset]
+
 
 # check_mixture ------------------------------------------------------------------------------------
 # (the `data check` command's output and exit codes: test_cli.py)

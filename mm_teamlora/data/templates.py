@@ -240,10 +240,11 @@ def leading_special_ids(tokenizer) -> list[int]:
     return []
 
 
-def sequence_length(input_ids: list[int], image_token_count: int) -> int:
-    """Length the language model sees: each placeholder counts `image_token_count` tokens."""
+def sequence_length(input_ids: list[int], image_token_count: int | None) -> int:
+    """Length the language model sees: each placeholder counts `image_token_count` tokens (which a
+    text-only record does not need to know)."""
     images = sum(1 for t in input_ids if t == IMAGE_PLACEHOLDER_ID)
-    return len(input_ids) + images * (image_token_count - 1)
+    return len(input_ids) + images * (image_token_count - 1) if images else len(input_ids)
 
 
 def truncate_tail(input_ids: list[int], labels: list[int], max_length: int,
