@@ -250,3 +250,19 @@ def test_compare_summary_and_report_show_the_deltas_mean_over_seeds():
     assert "causal masking" in text and "| teamlora | 2 |" in text and "+0.600 ± 0.141" in text
     assert "teamlora, Δ img - Δ text against the random control" in text
     assert masking_means([{"routing": None}]) is None
+
+
+def test_the_masking_table_claims_a_split_only_when_the_gaps_order_so():
+    from mm_teamlora.eval.ablation import ablation_markdown
+
+    def result(image_pref, text_pref, rand):
+        masks = {name: {"loss": {"image": 1.0, "text_only": 1.0}, "delta": {"image": 0.0, "text_only": 0.0},
+                        "image_minus_text": gap}
+                 for name, gap in (("image_preferred", image_pref), ("text_preferred", text_pref), ("random", rand))}
+        return {"experts_per_layer": 1, "layers": 2, "contrast": "image_vs_text_only", "seed": 0,
+                "questions": {"image": 3, "text_only": 2}, "baseline": {"image": 1.0, "text_only": 1.0}, "masks": masks}
+
+    assert "Consistent with a causal split: " in ablation_markdown(result(0.3, -0.2, 0.01))
+    shown = ablation_markdown(result(0.027, -0.087, 0.023))
+    assert "+0.0270 masking the image-preferred" in shown and "no spread" in shown
+    assert "No causal split shown" in ablation_markdown(result(0.01, -0.2, 0.05))  # random hurts images more
