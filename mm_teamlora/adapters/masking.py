@@ -15,6 +15,18 @@ from .lora import AdapterLayer
 from .routed import RoutedAdapterLayer
 
 
+def routed_layers(model: nn.Module) -> dict[str, RoutedAdapterLayer]:
+    """The routed adapter layers of `model` by name; a ValueError saying so when it has none (plain
+    LoRA has no experts to mask)."""
+    adapted = {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    routed = {n: m for n, m in adapted.items() if isinstance(m, RoutedAdapterLayer)}
+    if not routed:
+        methods = sorted({m.config.method for m in adapted.values()})
+        has = f"has {', '.join(methods)} adapters, which have no experts" if methods else "has no adapters"
+        raise ValueError(f"expert masking needs a routed adapter method (moelora, hydralora, teamlora); this model {has}")
+    return routed
+
+
 @contextlib.contextmanager
 def masked_experts(model: nn.Module, masks: Mapping[str, object]) -> Iterator[dict[str, RoutedAdapterLayer]]:
     """Inside the block, each routed layer `name` of `model` (names as `model.named_modules()`
@@ -23,12 +35,7 @@ def masked_experts(model: nn.Module, masks: Mapping[str, object]) -> Iterator[di
     mask is back on exit (an inner block replaces, not joins, an outer one's mask of that layer).
     Raises ValueError for a model without routed adapter layers (plain LoRA has no experts) or a
     name that is not one. Yields the masked layers by name."""
-    adapted = {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
-    routed = {n: m for n, m in adapted.items() if isinstance(m, RoutedAdapterLayer)}
-    if not routed:
-        methods = sorted({m.config.method for m in adapted.values()})
-        has = f"has {', '.join(methods)} adapters, which have no experts" if methods else "has no adapters"
-        raise ValueError(f"expert masking needs a routed adapter method (moelora, hydralora, teamlora); this model {has}")
+    routed = routed_layers(model)
     unknown = [n for n in masks if n not in routed]
     if unknown:
         raise ValueError(f"not routed adapter layers of this model: {unknown[:5]}"

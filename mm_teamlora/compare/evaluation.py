@@ -99,13 +99,17 @@ def evaluate_run(config: CompareConfig, spec: RunSpec) -> dict:
     if routed:
         from ..eval import inspect_routing
 
-        samples = config.routing_samples or config.eval_limit
-        routing = inspect_routing(model, config.eval_path, routing_dir, max_samples=samples, plots=False,
-                                  model_name=checkpoint)
+        routing = inspect_routing(model, config.eval_path, routing_dir, max_samples=_routing_samples(config),
+                                  plots=False, model_name=checkpoint)
     atomic_write_text(path, json.dumps({"stamp": stamp}, indent=1) + "\n")
     if routed:
         routing["ablation"] = masking_test(config, spec, checkpoint, routing, model)
     return {"report": report, "routing": routing}
+
+
+def _routing_samples(config: CompareConfig) -> int:
+    """Questions the routing report and the masking test read: `routing_samples`, else the eval's."""
+    return config.routing_samples or config.eval_limit
 
 
 def masking_test(config: CompareConfig, spec: RunSpec, checkpoint: str, routing: dict, model=None) -> dict:
@@ -116,7 +120,7 @@ def masking_test(config: CompareConfig, spec: RunSpec, checkpoint: str, routing:
     from ..eval.ablation import ablate
     from ..eval.routing import load_samples
 
-    samples = config.routing_samples or config.eval_limit
+    samples = _routing_samples(config)
     stamp = {**_checkpoint_stamp(checkpoint), "data": os.path.abspath(config.eval_path), "samples": samples,
              "experts": ABLATE_EXPERTS, "seed": ABLATE_SEED}
     path = os.path.join(spec.folder, "routing", "ablation.json")

@@ -31,14 +31,12 @@ import contextlib
 
 import torch
 
-from ..adapters.inject import adapter_layers
-from ..adapters.masking import masked_experts
-from ..adapters.routed import RoutedAdapterLayer
+from ..adapters.masking import masked_experts, routed_layers
 from ..constants import IGNORE_INDEX, OPTION_LETTERS
-from ..padding import pad_ids, pad_token_id
+from ..padding import pad_ids
 from .answers import letter_token_ids
 from .mmbench import encode_question
-from .samples import RoutingSample
+from .samples import RoutingSample, batch_inputs
 
 FORMAT = "mm_teamlora.ablation/1"
 MASKS = ("image_preferred", "text_preferred", "random")
@@ -92,15 +90,6 @@ def choose_experts(layers: dict, count: int = 1, seed: int = 0) -> dict:
     return {"contrast": f"image_vs_{text}", "preference": preference, "masks": masks}
 
 
-def check_routed(model) -> None:
-    """A clear error for a model whose language model has no routed adapter layers."""
-    layers = adapter_layers(model.language_model)
-    if not any(isinstance(m, RoutedAdapterLayer) for m in layers.values()):
-        methods = sorted({m.config.method for m in layers.values()}) or ["no"]
-        raise ValueError(f"the expert-masking test needs a routed adapter method (moelora, hydralora, teamlora); "
-                         f"this model has {', '.join(methods)} adapters, which have no experts to mask")
-
-
 @torch.no_grad()
 def answer_losses(model, samples: list[RoutingSample], conditions: dict, batch_size: int = 8,
                   progress: bool = False) -> dict:
@@ -119,12 +108,9 @@ def answer_losses(model, samples: list[RoutingSample], conditions: dict, batch_s
     model.eval()
     try:
         for batch in batches:
-            ids, mask = pad_ids([s.input_ids for s in batch], pad_token_id(model.tokenizer, default=0), device=device)
+            ids, mask, pixels, counts = batch_inputs(model, batch, device)
             labels, _ = pad_ids([s.labels for s in batch], IGNORE_INDEX, device=device)
-            images = [image for s in batch for image in s.load_images()]
-            features = (model.encode_images(torch.stack([model.vision_tower.preprocess(i) for i in images]).to(device))
-                        if images else None)
-            counts = torch.tensor([s.num_images for s in batch], device=device)
+            features = model.encode_images(pixels) if pixels is not None else None
             kinds = ["image" if s.num_images else "text_only" for s in batch]
             for name, masks in conditions.items():
                 block = masked_experts(model.language_model, masks) if masks else contextlib.nullcontext()
@@ -144,7 +130,7 @@ def ablate(model, samples: list[RoutingSample], layers: dict, count: int = 1, se
            progress: bool = False) -> dict:
     """The masking test (module doc) of `model` (a `MultimodalLM` with routed adapters) on labelled
     `samples`, with the masks chosen from `layers` (the routing report's per-layer section)."""
-    check_routed(model)
+    routed_layers(model.language_model)  # a clear error for plain LoRA, before any work
     choice = choose_experts(layers, count, seed)
     losses = answer_losses(model, samples, {"baseline": None, **choice["masks"]}, batch_size, progress)
     base = {kind: losses["baseline"][kind]["loss"] for kind in KINDS}

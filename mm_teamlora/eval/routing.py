@@ -29,9 +29,8 @@ from ..data import (MixtureConfig, SourceConfig, SourceReport, load_image, prepa
 from ..data.errors import REJECTED_FILE, write_rejected
 from ..data.templates import ConversationTemplate
 from ..files import atomic_write_text
-from ..padding import pad_ids, pad_token_id
 from .mmbench import MMBenchData, PromptConfig, encode_question, read_mmbench
-from .samples import RoutingSample
+from .samples import RoutingSample, batch_inputs
 from .separation import section
 
 FORMAT = "mm_teamlora.routing/1"
@@ -141,10 +140,7 @@ def record_samples(model, samples: list[RoutingSample], batch_size: int = 8, pro
     model.eval()
     try:
         for category, batch in batches:
-            ids, mask = pad_ids([s.input_ids for s in batch], pad_token_id(model.tokenizer, default=0), device=device)
-            images = [image for s in batch for image in s.load_images()]
-            pixels = torch.stack([model.vision_tower.preprocess(i) for i in images]).to(device) if images else None
-            counts = torch.tensor([s.num_images for s in batch], device=device)
+            ids, mask, pixels, counts = batch_inputs(model, batch, device)
             with record_routing(model.language_model) as record:
                 model(ids, mask, pixel_values=pixels, image_counts=counts)
             groups = next(iter(record.layers.values())).tokens.shape[0]
