@@ -5,9 +5,11 @@ Phases (each timed, each skipped when its output is already there and still vali
 1. data: `data demo` into `data_dir` (train.json, binding.json, val.tsv, eval.tsv, demo.yaml, binding.yaml);
 2. model: the run's model (`smollm2-dinov2-small`, converted and cached on first use);
 3. eval before: the untuned model (fresh projector, no adapters) on eval.tsv, likelihood + CircularEval;
-4. binding stage: the same run config for `binding_steps` steps at a constant rate on binding.yaml
-   alone (text-only lettered choices whose answer can be read in the prompt), so the model can answer with a letter before
-   it learns what the pictures and words say (the role LLaVA's stage 1 plays for the projector);
+4. binding stage: the same run config at a constant rate on binding.yaml alone (text-only lettered
+   choices whose answer can be read in the prompt), so the model can answer with a letter before it
+   learns what the pictures and words say (the role LLaVA's stage 1 plays for the projector). It
+   ends on evidence: when the answer loss on held-out binding questions falls to BINDING_TARGET
+   (`stop_at_val_loss`), or at `binding_steps` or a quarter of `minutes`, whichever comes first;
 5. train: `data_configs/runs/demo_<method>.yaml` through the `train` room on `nproc` CPU ranks
    (ZeRO-2), continuing from the binding stage's checkpoint, `optim.max_minutes` = what is left of
    `minutes`; a previous run folder is moved aside, never deleted;
@@ -30,7 +32,11 @@ RUNS_DIR = os.path.join(REPO_ROOT, "data_configs", "runs")
 METHODS = ("teamlora", "lora", "moelora", "hydralora")
 ROUTED = ("teamlora", "moelora", "hydralora")
 DEFAULT_MINUTES = 30.0
-BINDING_STEPS = 120  # a probe on copy questions reached ~0 letter loss in 35-40 steps of 8 (docs/RESULTS.md)
+BINDING_STEPS = 200  # the binding stage's cap; a probe on copy questions bound in 35-40 steps of 8 (docs/RESULTS.md)
+# Answer loss per supervised token (the letter and the end of turn) on held-out binding questions that
+# ends the stage: chance is about ln 4 / 2 = 0.69, a bound model ~0.001; 0.15 = the letter at ~3/4.
+BINDING_TARGET = 0.15
+BINDING_VAL, BINDING_EVAL_STEPS = 64, 10  # binding records held out to measure it; how often
 logger = logging.getLogger(__name__)
 
 
@@ -48,7 +54,7 @@ class DemoConfig:
     skip_eval: bool = False
     nproc: int = 2  # CPU ranks (or GPUs) of the training launch
     routing_samples: int = 0  # eval questions recorded for the routing report (0: as many as evaluated)
-    binding_steps: int = BINDING_STEPS  # steps of the binding stage before training (0: no such stage)
+    binding_steps: int = BINDING_STEPS  # most steps of the binding stage before training (0: no such stage)
     config: str = ""  # a run YAML of your own (a copy of data_configs/runs/demo_<method>.yaml); "": that file
     overrides: list[str] = field(default_factory=list)  # dotted KEY=VALUE run-config overrides, as `train` takes
 
@@ -75,6 +81,7 @@ class DemoResult:
     after: dict | None = None  # eval report of the tuned checkpoint
     routing: dict | None = None  # routing.json content
     run_state: dict = field(default_factory=dict)
+    binding: dict = field(default_factory=dict)  # the binding stage: steps, held-out loss, target, whether reached
     paths: dict[str, str] = field(default_factory=dict)
 
 
@@ -146,6 +153,28 @@ def _train(config: DemoConfig, overrides: list[str], run_dir: str) -> str:
     return checkpoint
 
 
+def _binding_overrides(config: DemoConfig, info: dict, stage_dir: str) -> list[str]:
+    """The binding stage: at a constant rate (binding sets in suddenly, and a decaying rate delays
+    it), until the held-out binding questions are answered, capped by `binding_steps` and by a
+    quarter of --minutes (so a short demo still trains on the pictures)."""
+    with open(info["binding"], encoding="utf-8") as f:
+        held_out = min(BINDING_VAL, len(json.load(f)) // 4)
+    stop = [f"val_samples={held_out}", f"eval_steps={BINDING_EVAL_STEPS}", f"stop_at_val_loss={BINDING_TARGET}"]
+    return [f"data={info['binding_config']}", f"optim.max_steps={config.binding_steps}", "optim.schedule=constant",
+            f"optim.max_minutes={config.minutes / 4:g}", f"output_dir={stage_dir}", "save_minutes=null",
+            *(stop if held_out else ["val_samples=0"]), *config.overrides]
+
+
+def _binding_result(stage_dir: str, checkpoint: str) -> dict:
+    from .train.checkpoint import read_state
+
+    with open(os.path.join(stage_dir, "run_state.json"), encoding="utf-8") as f:
+        run_state = json.load(f)
+    state = read_state(checkpoint)
+    return {"steps": state["step"], "val_loss": state.get("val_loss"), "target": BINDING_TARGET,
+            "reached": state.get("stopped_by") == "stop_at_val_loss", "seconds": run_state.get("sitting_seconds", 0.0)}
+
+
 def run_demo(config: DemoConfig) -> DemoResult:
     """Run the main job; see the module doc. Raises DemoError when training fails."""
     import torch
@@ -182,14 +211,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
     elif config.binding_steps:
         with _phase(result, "binding stage"):
             stage_dir = f"{run_dir}-binding"
-            # at most a quarter of --minutes, so a short demo still trains on the pictures
-            # a constant rate: binding set in suddenly in the probe, and a decayed rate delays it
-            stage = [f"data={info['binding_config']}", f"optim.max_steps={config.binding_steps}", "optim.schedule=constant",
-                     f"optim.max_minutes={config.minutes / 4:g}", f"output_dir={stage_dir}", "val_samples=0",
-                     "save_minutes=null", *config.overrides]
-            start = _train(config, stage, stage_dir)
-            with open(os.path.join(stage_dir, "run_state.json"), encoding="utf-8") as f:
-                stage_seconds = json.load(f).get("sitting_seconds", 0.0)
+            start = _train(config, _binding_overrides(config, info, stage_dir), stage_dir)
+            result.binding = _binding_result(stage_dir, start)
+            stage_seconds = result.binding["seconds"]
             result.paths["binding_stage"] = start
         # --minutes bounds training time, both stages together (start-up and saving aside)
         overrides += [f"model={start}", f"optim.max_minutes={max(config.minutes - stage_seconds / 60, 0.05):g}"]
@@ -259,6 +283,11 @@ def format_table(result: DemoResult) -> str:
         rate = state.get("sitting_tokens", 0) / max(state.get("sitting_seconds", 0) or 1e-9, 1e-9)
         lines.append(f"training: {state['step']} of {state['total_steps']} steps, {rate:.0f} tokens/s "
                      f"(all ranks, saves included){'' if state['finished'] else ', stopped by --minutes'}")
+    if result.binding:
+        b = result.binding
+        loss = "no held-out loss" if b["val_loss"] is None else f"held-out answer loss {b['val_loss']:.3f}"
+        lines.append(f"binding stage: {b['steps']} steps, {loss} "
+                     f"({'reached' if b['reached'] else 'did not reach'} the target {b['target']:g}; chance ~0.69)")
     if result.routing:
         lines += _routing_lines(result.routing)
     lines.append("phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())

@@ -79,6 +79,8 @@ def test_run_config_round_trips_through_yaml_with_overrides(tmp_path):
     (["precision=fp16"], r"precision: must be one of fp32, bf16"),
     (["optim=3"], r"optim: expected a mapping"),
     (["optim.lr"], r"write KEY=VALUE"),
+    (["stop_at_val_loss=0.1"], r"stop_at_val_loss: needs val_samples > 0 and eval_steps > 0"),
+    (["stop_at_val_loss=-1", "val_samples=2", "eval_steps=2"], r"stop_at_val_loss: must be >= 0"),
 ])
 def test_bad_keys_and_values_name_the_key(tmp_path, overrides, message):
     with pytest.raises(RunConfigError, match=message):
@@ -287,6 +289,29 @@ def test_max_minutes_stops_every_rank_at_a_step_boundary_with_a_checkpoint(tmp_p
         train(run)
     resumed = train(RunConfig.from_dict(run.to_dict(), overrides=["optim.max_minutes=null"]), resume="auto")
     assert resumed.finished and resumed.steps == 50
+
+
+def test_stop_at_val_loss_ends_the_run_finished_at_the_first_validation_that_reaches_it(tmp_path):
+    def val_losses(run_dir):
+        rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+        return {r["step"]: r["val_loss"] for r in rows if r.get("split") == "val"}
+
+    common = {"val_samples": 2, "eval_steps": 2, "optim": {"max_steps": 6, "schedule": "constant"}}
+    full = train(run_config(tmp_path, output_dir=str(tmp_path / "full"), **common))
+    curve = val_losses(full.run_dir)
+    assert full.finished and sorted(curve) == [2, 4, 6]
+    target = curve[4] + 1e-6  # reached at step 4 at the latest, maybe at 2
+    expected = min(step for step, loss in curve.items() if loss <= target)
+
+    run = run_config(tmp_path, output_dir=str(tmp_path / "early"), stop_at_val_loss=target, **common)
+    early = train(run)
+    assert early.finished and early.steps == expected and early.total_steps == 6
+    assert val_losses(early.run_dir) == {s: curve[s] for s in curve if s <= expected}  # the same run, cut short
+    state = json.load(open(os.path.join(early.checkpoint, "trainer_state.json")))
+    assert state["stopped_by"] == "stop_at_val_loss" and state["finished"] and state["step"] == expected
+    assert json.load(open(os.path.join(run.output_dir, "run_state.json")))["stopped_by"] == "stop_at_val_loss"
+    again = train(run, resume="auto")  # a finished run: nothing trains
+    assert again.finished and again.steps == expected and again.tokens_per_s == 0.0
 
 
 def _train_in_a_process(path, output_dir, env=None, resume=False):

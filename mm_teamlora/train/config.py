@@ -23,7 +23,10 @@ the working directory, as `output_dir`). The log says whether it is on and count
 turns itself off where the tower trains or the preprocessing is random. See train/feature_cache.py.
 
 `seed` sets the data order, dropout and, unless `adapter.seed` is given, the adapter's
-initialisation. `stage: pretrain_projector` trains the projector alone (no adapters, the mixture's
+initialisation. `stop_at_val_loss` ends a run on evidence rather than on a step count: at the first
+validation (every `eval_steps`) whose loss per supervised token is at or below it, the run saves,
+counts as finished and says so in run_state.json (`stopped_by`); the schedule is unchanged, so pair
+it with `optim.schedule: constant` when the step count is only a cap. `stage: pretrain_projector` trains the projector alone (no adapters, the mixture's
 template forced to `plain`), as LLaVA's stage 1.
 """
 
@@ -153,6 +156,7 @@ class RunConfig:
     save_minutes: float | None = None  # ... and/or every M minutes of training
     save_total_limit: int = 3  # checkpoints kept (the newest); 0 keeps all
     eval_steps: int = 0  # validation loss every N steps (0: only at the end, when val_samples > 0)
+    stop_at_val_loss: float | None = None  # end the run (finished) at the first validation at or below this
     log_steps: int = 10  # metrics line, expert usage by token group
     seed: int = 0
     tensorboard: bool = True
@@ -187,6 +191,9 @@ class RunConfig:
         self.save_minutes = _number("save_minutes", self.save_minutes, positive=True, optional=True)
         self.save_total_limit = _number("save_total_limit", self.save_total_limit, int, minimum=0)
         self.eval_steps = _number("eval_steps", self.eval_steps, int, minimum=0)
+        self.stop_at_val_loss = _number("stop_at_val_loss", self.stop_at_val_loss, minimum=0, optional=True)
+        if self.stop_at_val_loss is not None and not (self.val_samples and self.eval_steps):
+            _fail("stop_at_val_loss", "needs val_samples > 0 and eval_steps > 0: it is checked at each validation")
         self.log_steps = _number("log_steps", self.log_steps, int, positive=True)
         self.seed = _number("seed", self.seed, int)
 

@@ -5,8 +5,9 @@
    hold out the validation records; plan the batches.
 3. `deepspeed.initialize` with the run's groups and schedule; resume the engine, RNGs and sampler
    position from a checkpoint when asked.
-4. Steps until `max_steps` (or `epochs`), or `max_minutes` (rank 0 decides, every rank stops at the
-   same step); checkpoints every `save_steps` / `save_minutes` and at the end; validation every
+4. Steps until `max_steps` (or `epochs`), `max_minutes` (rank 0 decides, every rank stops at the
+   same step) or a validation loss at or below `stop_at_val_loss` (reduced over ranks, so every rank
+   decides the same); checkpoints every `save_steps` / `save_minutes` and at the end; validation every
    `eval_steps` and at the end; metrics every `log_steps`.
 
 The run folder: run_config.yaml (resolved, overrides applied), data_report.json, metrics.jsonl,
@@ -50,7 +51,7 @@ class RunResult:
     checkpoint: str  # the final checkpoint
     steps: int  # optimizer steps done (in all sittings)
     total_steps: int
-    finished: bool  # the schedule ran to its end (False: max_minutes stopped it)
+    finished: bool  # the schedule ran to its end or stop_at_val_loss was reached (False: max_minutes stopped it)
     train_loss: float | None  # of the last logged step
     val_loss: float | None  # at the end
     tokens_per_s: float  # this sitting's, summed over ranks
@@ -163,8 +164,9 @@ def train(run: RunConfig, resume: str | None = None, overwrite: bool = False) ->
         step = state["step"]
         stream.load_state_dict(state["sampler"])
         logger.info("resumed from %s at step %d of %d", resume_from, step, total)
-    if step >= total and state.get("finished"):
-        logger.info("%s already finished (%d steps): nothing to train", run_dir, step)
+    if state.get("finished"):
+        logger.info("%s already finished (%d steps%s): nothing to train", run_dir, step,
+                    ", stop_at_val_loss reached" if state.get("stopped_by") == "stop_at_val_loss" else "")
         return RunResult(run_dir, resume_from, step, total, True, state.get("train_loss"), state.get("val_loss"), 0.0, 0.0)
 
     log = MetricsLog(run_dir, run.tensorboard, resume_step=step) if rank == 0 else None
@@ -194,9 +196,9 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
     sitting_tokens, timer = 0, Timer()
     train_loss, val_loss = state.get("train_loss"), state.get("val_loss")
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)
-    stopped = False
+    stopped = reached = False  # by max_minutes / by stop_at_val_loss
     cached = {"epoch": stream.position.epoch, "hits": 0, "misses": 0}
-    while step < total and not stopped:
+    while step < total and not stopped and not reached:
         micro = [next(batches) for _ in range(gas)]
         lrs = [g["lr"] for g in engine.optimizer.param_groups]
         logging_step = (step + 1) % run.log_steps == 0 or step + 1 == total
@@ -231,9 +233,14 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
         last = step == total or stopped
         if val_view is not None and ((run.eval_steps and step % run.eval_steps == 0) or last):
             val_loss = _validate(run, engine, val_view, collator, source_names, log, step, rank, world, cache)
-        if last or (run.save_steps and step % run.save_steps == 0) or stats.flags[1]:
-            trainer_state = {"step": step, "total_steps": total, "finished": step == total,
-                             "stopped_by": "max_minutes" if stopped and step < total else None,
+            reached = run.stop_at_val_loss is not None and val_loss <= run.stop_at_val_loss
+            if reached and rank == 0:
+                logger.info("step %d: validation loss %.4f <= stop_at_val_loss %g: the run ends here", step,
+                            val_loss, run.stop_at_val_loss)
+        if last or reached or (run.save_steps and step % run.save_steps == 0) or stats.flags[1]:
+            finished = step == total or reached
+            stopped_by = "stop_at_val_loss" if reached else "max_minutes" if stopped and step < total else None
+            trainer_state = {"step": step, "total_steps": total, "finished": finished, "stopped_by": stopped_by,
                              "sampler": stream.state_dict(), "train_loss": train_loss, "val_loss": val_loss,
                              "seed": run.seed, "world_size": world,
                              "sitting_seconds": round(time.perf_counter() - started, 2)}
@@ -241,7 +248,7 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
             last_save = time.perf_counter()
             if rank == 0:
                 atomic_write_text(os.path.join(run.output_dir, RUN_STATE), json.dumps(
-                    {"finished": step == total, "step": step, "total_steps": total,
+                    {"finished": finished, "stopped_by": stopped_by, "step": step, "total_steps": total,
                      "checkpoint": os.path.basename(folder), "sitting_tokens": sitting_tokens,
                      "sitting_seconds": round(time.perf_counter() - started, 2)}, indent=1) + "\n")
                 bar.write(f"saved {folder}")
@@ -253,11 +260,11 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
     if cache is not None and rank == 0:
         logger.info("vision feature cache: %d hits, %d misses in this sitting's %s (training images, all ranks)",
                     cached["hits"], cached["misses"], f"{step} steps" if step != 1 else "step")
-    if stopped and step < total and rank == 0:
+    if stopped and step < total and not reached and rank == 0:
         logger.info("max_minutes=%g reached: stopped at step %d of %d (checkpoint saved); --resume auto continues",
                     o.max_minutes, step, total)
-    return RunResult(run.output_dir, checkpoint.latest(run.output_dir), step, total, step == total, train_loss,
-                     val_loss, sitting_tokens / max(train_seconds, 1e-9), train_seconds)
+    return RunResult(run.output_dir, checkpoint.latest(run.output_dir), step, total, step == total or reached,
+                     train_loss, val_loss, sitting_tokens / max(train_seconds, 1e-9), train_seconds)
 
 
 def _count_cache(counts: dict, stats, epoch: int, step: int, rank: int) -> None:
