@@ -43,11 +43,17 @@ def compare_config(tmp_path, data_dir, **fields) -> CompareConfig:
 def test_compare_config_round_trips_and_names_bad_keys(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"base_run": "base.yaml", "eval_data": "eval.tsv", "seeds": [3, 4],
-                                    "alpha_grid": [0.5, 1, 2], "val_data": "val.tsv", "ablations": ["k2"]}))
-    config = CompareConfig.from_yaml(str(path), ["eval_limit=10", "methods=[lora, teamlora]"])
+                                    "alpha_grid": [0.5, 1, 2], "val_data": "val.tsv", "ablations": ["k2"],
+                                    "masking_experts": 2, "masking_seed": 7}))
+    config = CompareConfig.from_yaml(str(path), ["eval_limit=10", "methods=[lora, teamlora]", "masking_draws=5"])
     assert config.base_run == str(tmp_path / "base.yaml") and config.eval_data == str(tmp_path / "eval.tsv")
     assert config.methods == ["lora", "teamlora"] and config.eval_limit == 10 and config.alpha_grid == [0.5, 1.0, 2.0]
-    assert CompareConfig.from_dict(yaml.safe_load(config.to_yaml())) == config
+    assert (config.masking_experts, config.masking_seed, config.masking_draws) == (2, 7, 5)
+    written = yaml.safe_load(config.to_yaml())
+    assert (written["masking_experts"], written["masking_seed"], written["masking_draws"]) == (2, 7, 5)
+    assert CompareConfig.from_dict(written) == config
+    defaults = CompareConfig(eval_data="eval.tsv")
+    assert (defaults.masking_experts, defaults.masking_seed, defaults.masking_draws) == (1, 0, 3)
     for overrides, message in ((["method=lora"], r"unknown key\(s\) method; allowed: base_run"),
                                (["methods=[dora]"], "'dora' is not one of"),
                                (["seeds=[]"], "seeds: must be a non-empty list"),
@@ -55,11 +61,92 @@ def test_compare_config_round_trips_and_names_bad_keys(tmp_path):
                                (["run_overrides=[seed=3]"], "seed is set by the comparison itself"),
                                (["run_overrides=[optim.max_minutes=5]"], "optim.max_minutes is set by the comparison"),
                                (["alpha_grid=[0]"], "multipliers must be positive"),
-                               (["methods=[lora]", "ablations=[moelora_loop]"], "add moelora to methods")):
+                               (["methods=[lora]", "ablations=[moelora_loop]"], "add moelora to methods"),
+                               (["masking_experts=0"], r"masking_experts: must be an integer >= 1, got 0"),
+                               (["masking_experts=1.5"], r"masking_experts: must be an integer >= 1, got 1.5"),
+                               (["masking_seed=-1"], r"masking_seed: must be an integer >= 0, got -1"),
+                               (["masking_draws=0"], r"masking_draws: must be an integer >= 1, got 0"),
+                               (["masking_draws=true"], r"masking_draws: must be an integer >= 1, got True")):
         with pytest.raises(CompareConfigError, match=message):
             CompareConfig.from_yaml(str(path), overrides)
     with pytest.raises(CompareConfigError, match="give the eval TSV"):
         CompareConfig(base_run="x.yaml")
+
+
+def test_the_masking_settings_drive_the_test_and_are_part_of_its_cache_key(tmp_path, monkeypatch):
+    """routing/ablation.json is reused while checkpoint, data and the three masking settings agree;
+    changing any setting runs the test again with it."""
+    import dataclasses
+    import types
+
+    import mm_teamlora.eval.ablation as ablation_module
+    from fixtures.eval.helpers import question, routed_tiny_model, write_tsv
+    from mm_teamlora.compare.evaluation import masking_test
+    from mm_teamlora.eval.routing import inspect_routing
+    from mm_teamlora.train.checkpoint import STATE_FILE
+
+    rows = [question(i, answer="ABCD"[i % 4]) for i in range(3)]
+    rows += [question(100 + i, image="", answer="BCDA"[i % 4]) for i in range(2)]
+    tsv = write_tsv(tmp_path / "eval.tsv", rows)
+    model = routed_tiny_model("teamlora")
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / STATE_FILE).write_text("{}")
+    spec = types.SimpleNamespace(name="teamlora-a1-s0", folder=str(tmp_path / "run"))
+    routing = inspect_routing(model, tsv, os.path.join(spec.folder, "routing"), plots=False)
+    calls, real = [], ablation_module.ablate
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ablation_module, "ablate", counted)
+    config = CompareConfig(eval_data=tsv, routing_samples=0)  # the defaults: 1 expert, seed 0, 3 draws
+    first = masking_test(config, spec, str(checkpoint), routing, model)
+    assert len(calls) == 1 and first["experts_per_layer"] == 1 and first["random_draws"] == 3
+    assert [d["seed"] for d in first["masks"]["random"]["draws"]] == [0, 1, 2]
+    stamp = json.load(open(os.path.join(spec.folder, "routing", "ablation.json")))["stamp"]
+    assert (stamp["experts"], stamp["seed"], stamp["draws"]) == (1, 0, 3)
+    assert masking_test(config, spec, str(checkpoint), routing, model) == first and len(calls) == 1  # unchanged
+    changes = {"masking_draws": lambda r: [d["seed"] for d in r["masks"]["random"]["draws"]] == [0, 1],
+               "masking_seed": lambda r: [d["seed"] for d in r["masks"]["random"]["draws"]] == [2, 3, 4],
+               "masking_experts": lambda r: r["experts_per_layer"] == 2 and all(
+                   len(e) == 2 for m in r["masks"].values() for e in m["experts"].values())}
+    for key, check in changes.items():
+        changed, before = dataclasses.replace(config, **{key: 2}), len(calls)
+        result = masking_test(changed, spec, str(checkpoint), routing, model)
+        assert len(calls) == before + 1 and check(result), key  # run again, with the new setting
+        assert masking_test(changed, spec, str(checkpoint), routing, model) == result  # then reused
+        assert len(calls) == before + 1
+
+
+def test_the_printed_table_has_the_masking_deltas_of_each_routed_method():
+    from mm_teamlora.compare import CompareResult
+    from mm_teamlora.compare.summary import _masking_summary, masking_means, mean_std
+
+    def run(image_pref):
+        masks = {"image_preferred": {"delta": {"image": image_pref, "text_only": 0.01}, "image_minus_text": 0},
+                 "text_preferred": {"delta": {"image": 0.02, "text_only": 0.3}, "image_minus_text": 0},
+                 "random": {"delta": {"image": 0.05, "text_only": 0.04}, "image_minus_text": 0}}
+        ablation = {"baseline": {"image": 2.0, "text_only": 3.0}, "questions": {"image": 4, "text_only": 2},
+                    "experts_per_layer": 1, "contrast": "image_vs_text_only", "random_draws": 3, "masks": masks}
+        return {"routing": {"masking": _masking_summary(ablation)}}
+
+    def method(masking):
+        return {"adapter_parameters": 1000, "vanilla": mean_std([0.3]), "circular": mean_std([0.1]),
+                "tokens_per_s_vs_lora": 1.0, "masking": masking}
+
+    summary = {"methods": {"lora": method(None), "moelora": method(None),
+                           "teamlora": method(masking_means([run(0.5), run(0.7)]))},
+               "chance": 0.25, "chance_circular": 0.004, "questions": 4, "steps": [2]}
+    lines = format_table(CompareResult("out", summary)).splitlines()
+    masking = [line for line in lines if "masking" in line]
+    assert len(masking) == 2  # the routed methods only: not LoRA
+    assert masking[0].startswith("moelora") and "not run" in masking[0]
+    assert masking[1].startswith("teamlora") and "Δ image / Δ text-only" in masking[1]
+    assert "image_preferred +0.600 ± 0.141 / +0.010 ± 0.000" in masking[1]  # the mean ± std over the 2 seeds
+    assert "text_preferred +0.020 ± 0.000 / +0.300 ± 0.000" in masking[1] and "random +0.050 ± 0.000" in masking[1]
+    assert "2 seed(s)" in masking[1] and "random: 3 draw(s)" in masking[1]
 
 
 def test_differences_inside_the_seed_spread_are_called_so():
@@ -148,7 +235,9 @@ def test_two_methods_one_seed_end_to_end_then_a_rerun_trains_nothing(tmp_path, d
         assert needle in md, needle
     # compare.png is written, so the plot is not among the things this command has not done
     assert "plot" not in md.rpartition("Not yet measured")[2] and "plot" not in summary["not_done"]
-    assert "teamlora" in format_table(result)
+    table = format_table(result)
+    assert "teamlora" in table and "teamlora     masking Δ image / Δ text-only loss: image_preferred" in table
+    assert "random: 3 draw(s)" in table
     assert os.path.getsize(result.paths["plot"]) > 0
 
     # a rerun trains nothing and evaluates nothing: the same reports

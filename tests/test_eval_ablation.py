@@ -12,7 +12,7 @@ from mm_teamlora import cli
 from mm_teamlora.adapters import AdapterConfig, adapter_layers, record_routing
 from mm_teamlora.adapters.masking import masked_experts
 from mm_teamlora.constants import GROUP_IMAGE, GROUP_TEXT_ONLY, GROUP_TEXT_WITH_IMAGE
-from mm_teamlora.eval.ablation import ablate, choose_experts
+from mm_teamlora.eval.ablation import ablate, ablation_markdown, choose_experts
 from mm_teamlora.eval.routing import inspect_routing, load_samples
 
 K = 4
@@ -107,6 +107,15 @@ def test_experts_are_chosen_from_image_minus_text_tokens_per_layer():
     assert list(two["masks"]["random"].values()) == expected
     assert all(len(v) == 2 for v in two["masks"]["random"].values())
     assert choose_experts(layers, 2, seed=5)["masks"]["random"] == two["masks"]["random"]
+    # several draws: draw i is the one-draw choice at seed 5 + i; the first is masks["random"]
+    three = choose_experts(layers, 2, seed=5, draws=3)
+    assert [d["seed"] for d in three["draws"]] == [5, 6, 7]
+    for d in three["draws"]:
+        assert d["experts"] == choose_experts(layers, 2, seed=d["seed"])["masks"]["random"]
+    assert three["masks"]["random"] == two["masks"]["random"] == three["draws"][0]["experts"]
+    assert three["masks"]["image_preferred"] == two["masks"]["image_preferred"]
+    with pytest.raises(ValueError, match="at least 1"):
+        choose_experts(layers, 1, draws=0)
     # no text-only sample (an MMBench file of pictures): the image-grounded samples' text is the contrast
     grounded = {"a": layer_entry([.1, .6, .2, .1], [.7, .1, .1, .1])}
     only = choose_experts(grounded, 1)
@@ -212,14 +221,22 @@ def test_inspect_routing_ablate_end_to_end(tmp_path, capsys):
     model.save_pretrained(tmp_path / "model")
     out = tmp_path / "routing"
     assert cli.main(["inspect-routing", "--model", str(tmp_path / "model"), "--data", tsv, "--out", str(out),
-                     "--ablate", "--ablate-experts", "2", "--ablate-seed", "3", "--no-plots", "--device", "cpu"]) == 0
+                     "--ablate", "--ablate-experts", "2", "--ablate-seed", "3", "--ablate-draws", "2", "--no-plots",
+                     "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert "image_preferred" in printed and "text_preferred" in printed and "random" in printed
-    ablation = json.loads((out / "routing.json").read_text())["ablation"]
+    assert "image_preferred" in printed and "text_preferred" in printed and "random (mean ± std of 2 draws)" in printed
+    routing = json.loads((out / "routing.json").read_text())
+    ablation = routing["ablation"]
+    assert routing["layers"] and routing["separation"]  # the routing report is still all there
     assert ablation["experts_per_layer"] == 2 and ablation["seed"] == 3 and ablation["questions"] == {
         "image": 3, "text_only": 2}
+    assert ablation["random_draws"] == 2 and [d["seed"] for d in ablation["masks"]["random"]["draws"]] == [3, 4]
     assert all(len(e) == 2 for m in ablation["masks"].values() for e in m["experts"].values())
-    assert "| image_preferred |" in (out / "routing.md").read_text()
+    md = (out / "routing.md").read_text()
+    assert "| image_preferred |" in md and "| random, seed 4 |" in md and "random control: 2 draw(s), seeds 3-4" in md
+    assert cli.main(["inspect-routing", "--model", str(tmp_path / "model"), "--data", tsv, "--out",
+                     str(tmp_path / "none"), "--ablate", "--ablate-draws", "0", "--device", "cpu"]) == 2
+    assert "--ablate-draws must be at least 1" in capsys.readouterr().err
     # without --ablate: no ablation; a plain-LoRA model with --ablate: exit 2 and a clear message
     assert cli.main(["inspect-routing", "--model", str(tmp_path / "model"), "--data", tsv, "--out",
                      str(tmp_path / "plain"), "--no-plots", "--device", "cpu"]) == 0
@@ -253,8 +270,6 @@ def test_compare_summary_and_report_show_the_deltas_mean_over_seeds():
 
 
 def test_the_masking_table_claims_a_split_only_when_the_gaps_order_so():
-    from mm_teamlora.eval.ablation import ablation_markdown
-
     def result(image_pref, text_pref, rand):
         masks = {name: {"loss": {"image": 1.0, "text_only": 1.0}, "delta": {"image": 0.0, "text_only": 0.0},
                         "image_minus_text": gap}
@@ -266,3 +281,101 @@ def test_the_masking_table_claims_a_split_only_when_the_gaps_order_so():
     shown = ablation_markdown(result(0.027, -0.087, 0.023))
     assert "+0.0270 masking the image-preferred" in shown and "no spread" in shown
     assert "No causal split shown" in ablation_markdown(result(0.01, -0.2, 0.05))  # random hurts images more
+
+
+def test_the_random_control_is_several_draws_each_with_its_own_seed(tmp_path):
+    """Draw i masks the experts seed + i draws and is measured as a one-draw test at that seed
+    would be; the control's figures are the draws' mean and sample std; the preferred masks do not
+    depend on the draws."""
+    tsv = mixed_tsv(tmp_path)
+    model = routed_tiny_model("teamlora")
+    layers = inspect_routing(model, tsv, str(tmp_path / "r"), plots=False)["layers"]
+    _, _, answers = load_samples(model, tsv, with_answers=True)
+    three = ablate(model, answers, layers, 1, seed=7, random_draws=3)
+    random = three["masks"]["random"]
+    assert three["random_draws"] == 3 and [d["seed"] for d in random["draws"]] == [7, 8, 9]
+    for d in random["draws"]:
+        assert d["experts"] == choose_experts(layers, 1, d["seed"])["masks"]["random"]
+    assert len({json.dumps(d["experts"]) for d in random["draws"]}) == 3  # three different masks
+    assert random["experts"] == random["draws"][0]["experts"]
+    # each draw is what a one-draw test at its seed measures
+    alone = ablate(model, answers, layers, 1, seed=8, random_draws=1)
+    assert alone["masks"]["random"]["delta"] == pytest.approx(random["draws"][1]["delta"], abs=1e-6)
+    for name in ("image_preferred", "text_preferred"):
+        assert alone["masks"][name]["experts"] == three["masks"][name]["experts"]
+        assert alone["masks"][name]["delta"] == pytest.approx(three["masks"][name]["delta"], abs=1e-6)
+    # mean and sample std over the draws, for both deltas and their difference
+    figures = {"image": [d["delta"]["image"] for d in random["draws"]],
+               "text_only": [d["delta"]["text_only"] for d in random["draws"]],
+               "image_minus_text": [d["image_minus_text"] for d in random["draws"]]}
+    for key, values in figures.items():
+        mean = sum(values) / 3
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / 2)
+        assert std > 0, key  # the draws differ, so the control has a spread
+        assert random["std"][key] == pytest.approx(std)
+        assert (random["image_minus_text"] if key == "image_minus_text" else random["delta"][key]) == pytest.approx(mean)
+    for d in random["draws"]:
+        assert d["image_minus_text"] == pytest.approx(d["delta"]["image"] - d["delta"]["text_only"])
+        assert d["loss"]["image"] == pytest.approx(three["baseline"]["image"] + d["delta"]["image"])
+    assert random["loss"]["text_only"] == pytest.approx(three["baseline"]["text_only"] + random["delta"]["text_only"])
+    md = ablation_markdown(three)
+    assert "| random (mean ± std of 3 draws) |" in md and all(f"| random, seed {s} |" in md for s in (7, 8, 9))
+    assert f"{random['image_minus_text']:+.4f} ± {random['std']['image_minus_text']:.4f}" in md
+    # one draw: no spread (std None) and the reading says so
+    assert alone["random_draws"] == 1 and alone["masks"]["random"]["std"] == {
+        "image": None, "text_only": None, "image_minus_text": None}
+    one = ablation_markdown(alone)
+    assert "One random draw gives the control no spread" in one and "| random |" in one and "seed 8)" in one
+    assert "mean ± 2 std" not in one
+
+
+def masking_result(image_pref: float, text_pref: float, draws: list[float]) -> dict:
+    """A masking result whose preferred masks and random draws have these Δ image - Δ text-only."""
+    def figures(gap):
+        return {"loss": {"image": 1.0 + gap, "text_only": 1.0}, "delta": {"image": gap, "text_only": 0.0},
+                "image_minus_text": gap}
+
+    mean = sum(draws) / len(draws)
+    std = math.sqrt(sum((g - mean) ** 2 for g in draws) / (len(draws) - 1)) if len(draws) > 1 else None
+    random = {**figures(mean), "std": {"image": std, "text_only": 0.0 if std is not None else None,
+                                       "image_minus_text": std},
+              "draws": [{"seed": 10 + i, **figures(g)} for i, g in enumerate(draws)]}
+    return {"experts_per_layer": 1, "layers": 2, "contrast": "image_vs_text_only", "seed": 10,
+            "random_draws": len(draws), "questions": {"image": 3, "text_only": 2},
+            "baseline": {"image": 1.0, "text_only": 1.0},
+            "masks": {"image_preferred": figures(image_pref), "text_preferred": figures(text_pref), "random": random}}
+
+
+def test_the_reading_compares_the_preferred_masks_with_the_random_draws_spread():
+    """Rule: beyond the draws' mean ± 2 sample std, on the side a split predicts (image-preferred
+    above, text-preferred below). Draws [0, .01, .02]: mean +0.01, std 0.01, band [-0.01, +0.03]."""
+    draws = [0.0, 0.01, 0.02]
+    both = ablation_markdown(masking_result(0.3, -0.2, draws))
+    assert "Consistent with a causal split: both preferred masks lie beyond the random control" in both
+    assert "+0.0100 ± 0.0100 (mean ± sample std) over 3 random draws (seeds 10-12)" in both
+    assert "the band mean ± 2 std = [-0.0100, +0.0300]" in both
+    assert "+0.3000 masking the image-preferred experts (above the band)" in both
+    assert "-0.2000 masking the text-preferred ones (below the band)" in both
+    assert "no spread" not in both and "roughly" in both  # three draws estimate the spread roughly
+    # just inside the band (+0.029 < +0.03) does not count; just outside (+0.031) does
+    inside = ablation_markdown(masking_result(0.029, -0.2, draws))
+    assert "Partly consistent with a causal split: only the text-preferred masks" in inside
+    assert "(inside the band)" in inside
+    assert "Partly consistent with a causal split: only the image-preferred" in ablation_markdown(
+        masking_result(0.031, -0.009, draws))
+    assert "Consistent with a causal split: both" in ablation_markdown(masking_result(0.031, -0.011, draws))
+    # beyond the band on the wrong side is no evidence for the split
+    wrong = ablation_markdown(masking_result(-0.2, 0.3, draws))
+    assert "No causal split shown: neither preferred mask" in wrong and "(below the band)" in wrong
+    # the gaps that one draw puts in split order fall inside a wide spread of three draws
+    assert "Consistent with a causal split: " in ablation_markdown(masking_result(0.027, -0.087, [0.023]))
+    wide = ablation_markdown(masking_result(0.027, -0.087, [0.023, 0.1, -0.08]))
+    assert "No causal split shown" in wide and wide.count("(inside the band)") == 2
+    # draws that all give one figure: no spread, only the order, and a caveat
+    same = ablation_markdown(masking_result(0.3, -0.2, [0.01, 0.01, 0.01]))
+    assert "Consistent with a causal split: " in same and "The draws gave no spread" in same
+    assert "the band" not in same
+    # a group of questions missing: no reading at all
+    missing = masking_result(0.3, -0.2, draws)
+    missing["masks"]["image_preferred"]["image_minus_text"] = None
+    assert "No reading: a group of questions is missing." in ablation_markdown(missing)

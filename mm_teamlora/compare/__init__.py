@@ -41,10 +41,13 @@ that seed): `no_competition` (TeamLoRA without M), `group_routing_off` / `group_
 rank, alpha for the same gain), `moelora_loop` (MoELoRA in its published one-matmul-per-expert
 form beside the fused one: how much of TeamLoRA's speed is the fusion).
 
-The causal masking test (`eval.ablation`): for every routed run, the experts image tokens prefer
-(per layer) are masked, then the text-preferred ones, then as many chosen at random, and the answer
-loss on image and on text-only questions is measured against the unmasked model (compare.md,
-"Expert masking"). The recipe logs its progress; the CLI prints.
+The causal masking test (`eval.ablation`): for every routed run, the `masking_experts` (1) experts
+image tokens prefer (per layer) are masked, then the text-preferred ones, then as many chosen at
+random (`masking_draws` (3) draws, seeds `masking_seed` (0), +1, ...: the control, its mean and
+spread), and the answer loss on image and on text-only questions is measured against the unmasked
+model (compare.md, "Expert masking"; a line per routed method in the printed table; cached in
+routing/ablation.json while the checkpoint, data and those three settings agree). The recipe logs
+its progress; the CLI prints.
 
 Modules, one phase or one idea each: `config` (CompareConfig, its checks and YAML round trip, the
 errors), `plan` (matched ranks and alphas, plan.json, the runs and their folders), `runs` (training one

@@ -57,6 +57,9 @@ class CompareConfig:
     alpha_grid: list[float] = field(default_factory=list)  # multipliers of that alpha ([]: no grid, 1 each)
     ablations: list[str] = field(default_factory=list)
     routing_samples: int = 64  # eval questions recorded for the routing separation (0: as many as evaluated)
+    masking_experts: int = 1  # experts masked per layer in the causal masking test (fewer than each run's k)
+    masking_seed: int = 0  # seed of its first random-mask draw (the others: seed + 1, ...)
+    masking_draws: int = 3  # random-mask draws of its control (1: no spread for the reading to compare with)
     run_overrides: list[str] = field(default_factory=list)  # dotted KEY=VALUE, applied to every run
 
     def __post_init__(self) -> None:
@@ -86,6 +89,9 @@ class CompareConfig:
         self.val_limit = _int("val_limit", self.val_limit, 0)
         self.nproc = _int("nproc", self.nproc, 1)
         self.routing_samples = _int("routing_samples", self.routing_samples, 0)
+        self.masking_experts = _int("masking_experts", self.masking_experts, 1)
+        self.masking_seed = _int("masking_seed", self.masking_seed, 0)
+        self.masking_draws = _int("masking_draws", self.masking_draws, 1)
         if self.alpha_policy not in ALPHA_POLICIES:
             _fail("alpha_policy", f"must be one of {', '.join(ALPHA_POLICIES)}, got {self.alpha_policy!r}")
         if not isinstance(self.alpha_grid, list):

@@ -14,8 +14,6 @@ from .plan import RunSpec
 from .runs import read_json
 
 logger = logging.getLogger(__name__)
-ABLATE_EXPERTS = 1  # experts masked per layer in the causal test of the split
-ABLATE_SEED = 0  # seed of its random-mask control
 
 
 def _checkpoint_stamp(checkpoint: str) -> dict:
@@ -113,16 +111,17 @@ def _routing_samples(config: CompareConfig) -> int:
 
 
 def masking_test(config: CompareConfig, spec: RunSpec, checkpoint: str, routing: dict, model=None) -> dict:
-    """The causal test of the visual / textual split (`eval.ablation`: ABLATE_EXPERTS experts
-    masked per layer, image-preferred / text-preferred / random with ABLATE_SEED) on the routing
-    report's questions, with the masks chosen from that report; cached in routing/ablation.json
-    per checkpoint, data, sample count and settings (the model is loaded only when it must run)."""
+    """The causal test of the visual / textual split (`eval.ablation`: `masking_experts` experts
+    masked per layer, image-preferred / text-preferred / random, the random control drawn
+    `masking_draws` times from `masking_seed` on) on the routing report's questions, with the masks
+    chosen from that report; cached in routing/ablation.json per checkpoint, data, sample count and
+    those three settings (the model is loaded only when it must run)."""
     from ..eval.ablation import ablate
     from ..eval.routing import load_samples
 
     samples = _routing_samples(config)
     stamp = {**_checkpoint_stamp(checkpoint), "data": os.path.abspath(config.eval_path), "samples": samples,
-             "experts": ABLATE_EXPERTS, "seed": ABLATE_SEED}
+             "experts": config.masking_experts, "seed": config.masking_seed, "draws": config.masking_draws}
     path = os.path.join(spec.folder, "routing", "ablation.json")
     saved = read_json(path)
     if saved and saved.get("stamp") == stamp:
@@ -134,7 +133,8 @@ def masking_test(config: CompareConfig, spec: RunSpec, checkpoint: str, routing:
         model = MultimodalLM.from_pretrained(checkpoint)
     _, _, answers = load_samples(model, config.eval_path, max_samples=samples, with_answers=True)
     try:
-        result = ablate(model, answers, routing["layers"], ABLATE_EXPERTS, ABLATE_SEED)
+        result = ablate(model, answers, routing["layers"], config.masking_experts, config.masking_seed,
+                        random_draws=config.masking_draws)
     except ValueError as e:  # e.g. questions without pictures only: said in the report, not fatal
         logger.warning("%s: no expert-masking test: %s", spec.name, e)
         result = {"not_run": str(e)}

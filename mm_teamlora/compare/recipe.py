@@ -9,10 +9,10 @@ import os
 from dataclasses import dataclass, field
 
 from ..files import atomic_write_text
-from .config import CompareConfig, CompareConfigError
+from .config import ROUTED, CompareConfig, CompareConfigError
 from .evaluation import evaluate_run, score_on_val
 from .plan import plan, run_spec
-from .report import pm, ratio, write_reports
+from .report import pm, ratio, signed, write_reports
 from .runs import train_run, training_figures
 from .summary import summarise
 
@@ -81,7 +81,9 @@ def run_compare(config: CompareConfig) -> CompareResult:
 
 
 def format_table(result: CompareResult) -> str:
-    """What the CLI prints: the accuracy table and where the reports are."""
+    """What the CLI prints: the accuracy table, a line per routed method on the expert-masking test
+    (compare.json's `masking`, mean over seeds: Δ image / Δ text-only answer loss per mask), and where
+    the reports are."""
     s = result.summary
     lines = [f"{'method':12} {'params':>12} {'vanilla %':>14} {'circular %':>14} {'tok/s vs LoRA':>14}"]
     for name, a in s["methods"].items():
@@ -89,6 +91,16 @@ def format_table(result: CompareResult) -> str:
                      f"{ratio(a['tokens_per_s_vs_lora']):>14}")
     lines.append(f"chance {100 * s['chance']:.1f}% vanilla, {100 * s['chance_circular']:.2f}% circular; "
                  f"{s['questions']} questions; steps {', '.join(map(str, s['steps']))}")
+    lines += [_masking_line(name, a.get("masking")) for name, a in s["methods"].items() if name in ROUTED]
     lines.append(f"trained now: {', '.join(result.trained) or 'nothing (every run had finished)'}")
     lines += [f"  {k:5} {v}" for k, v in result.paths.items()]
     return "\n".join(lines)
+
+
+def _masking_line(name: str, masking: dict | None) -> str:
+    if not masking:
+        return f"{name:12} masking: not run (its routing/ablation.json says why)"
+    deltas = ", ".join(f"{mask} {signed(d['image'])} / {signed(d['text_only'])}"
+                       for mask, d in masking["masks"].items())
+    return (f"{name:12} masking Δ image / Δ text-only loss: {deltas} ({masking['runs']} seed(s); "
+            f"{masking['experts_per_layer']} expert(s) per layer; random: {masking['random_draws']} draw(s))")

@@ -155,7 +155,8 @@ def format_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _signed(stat: dict, digits: int = 3) -> str:
+def signed(stat: dict, digits: int = 3) -> str:
+    """A signed mean +- std cell (of `mean_std`), e.g. a loss delta; "-" when nothing was measured."""
     if stat["mean"] is None:
         return "-"
     return f"{stat['mean']:+.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
@@ -171,8 +172,8 @@ def masking_lines(rows: dict) -> list[str]:
     first = next(iter(tested.values()))
     lines += [f"Per adapted layer, {first['experts_per_layer']} expert(s) masked (renormalised over the rest): those "
               f"image tokens prefer most ({first['contrast']}, mean router probabilities), those text tokens prefer, "
-              f"or random ones (the control); Δ answer-token loss (masked - unmasked) on "
-              f"{first['questions']['image']} image and {first['questions']['text_only']} text-only questions of the routing sample, mean ± std "
+              f"or random ones (the control, the mean of {first.get('random_draws', 1)} draw(s) per run); "
+              f"Δ answer-token loss (masked - unmasked) on {first['questions']['image']} image and {first['questions']['text_only']} text-only questions of the routing sample, mean ± std "
               "over seeds. Δ img - Δ text > 0: the mask hurts image questions more.", "",
               "| run | seeds | loss image / text-only | mask | Δ image | Δ text-only | Δ img - Δ text |",
               "| --- | ---: | --- | --- | ---: | ---: | ---: |"]
@@ -181,8 +182,8 @@ def masking_lines(rows: dict) -> list[str]:
         base = f"{pm(m['baseline']['image'], 1.0, 3)} / {pm(m['baseline']['text_only'], 1.0, 3)}"
         for i, (mask, d) in enumerate(m["masks"].items()):
             lines.append(f"| {name if i == 0 else ''} | {m['runs'] if i == 0 else ''} | {base if i == 0 else ''} | "
-                         f"{mask} | {_signed(d['image'])} | {_signed(d['text_only'])} | "
-                         f"{_signed(d['image_minus_text'])} |")
+                         f"{mask} | {signed(d['image'])} | {signed(d['text_only'])} | "
+                         f"{signed(d['image_minus_text'])} |")
         words.append(_masking_words(name, m["masks"]))
     return lines + [""] + words
 

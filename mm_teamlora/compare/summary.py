@@ -30,11 +30,13 @@ def _routing_summary(routing: dict | None) -> dict | None:
 
 
 def _masking_summary(ablation: dict | None) -> dict | None:
-    """The expert-masking test of one run: baseline losses and, per mask, the loss deltas."""
+    """The expert-masking test of one run: baseline losses and, per mask, the loss deltas (random:
+    the mean of its `random_draws` draws)."""
     if not ablation or "masks" not in ablation:
         return None
     return {"baseline": ablation["baseline"], "questions": ablation["questions"],
             "experts_per_layer": ablation["experts_per_layer"], "contrast": ablation["contrast"],
+            "random_draws": ablation.get("random_draws", 1),
             "masks": {name: {**m["delta"], "image_minus_text": m["image_minus_text"]}
                       for name, m in ablation["masks"].items()}}
 
@@ -48,7 +50,7 @@ def masking_means(rows: list[dict]) -> dict | None:
         return None
     names = list(tests[0]["masks"])
     return {"runs": len(tests), "experts_per_layer": tests[0]["experts_per_layer"], "contrast": tests[0]["contrast"],
-            "questions": tests[0]["questions"],
+            "questions": tests[0]["questions"], "random_draws": tests[0].get("random_draws", 1),
             "baseline": {kind: mean_std([t["baseline"][kind] for t in tests]) for kind in ("image", "text_only")},
             "masks": {name: {key: mean_std([t["masks"][name][key] for t in tests if name in t["masks"]])
                              for key in ("image", "text_only", "image_minus_text")} for name in names}}
