@@ -27,7 +27,8 @@ def demo(overrides: list[str], minutes: float = DEFAULT_MINUTES, method: str = "
 
     Builds the demo data (once), evaluates the untuned model on its MMBench-style eval set, trains
     data_configs/runs/demo_<method>.yaml on --nproc CPU ranks (ZeRO-2) for at most --minutes (a
-    binding stage of --binding-steps (120) on text-only lettered choices first; 0: none),
+    binding stage on text-only lettered choices first, until held-out ones are answered, at most
+    --binding-steps (200) or a third of --minutes; 0: none),
     evaluates the tuned checkpoint the same way, writes the routing report and prints the table.
     --eval-limit N evaluates on the first N questions; --skip-eval only trains; --config runs your
     copy of the run YAML instead; trailing KEY=VALUE words override the run config as in `train`

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import write_tiny_run
-from mm_teamlora.demo import BINDING_TARGET, DemoConfig, format_table, passes_bar, run_demo
+from mm_teamlora.demo import BINDING_LR, BINDING_TARGET, DemoConfig, format_table, passes_bar, run_demo
 from mm_teamlora.data.demo import build_demo_data
 from mm_teamlora.model import MultimodalLM
 from test_data_demo import fake_assets
@@ -44,6 +44,7 @@ def test_demo_builds_data_evaluates_trains_evaluates_and_reports(tmp_path):
     assert os.path.basename(result.paths["binding_stage"]) == "checkpoint-000002"
     stage_run = yaml.safe_load(open(os.path.join(stage, "run_config.yaml")))
     assert stage_run["data"].endswith("binding.yaml") and stage_run["optim"]["max_steps"] == 2
+    assert stage_run["optim"]["lr"] == BINDING_LR and stage_run["optim"]["schedule"] == "constant"
     # it is measured on held-out binding records and would end at the target; here it ran to its cap
     assert stage_run["stop_at_val_loss"] == BINDING_TARGET and stage_run["val_samples"] == 24 // 4
     assert result.binding["steps"] == 2 and result.binding["val_loss"] > 0 and not result.binding["reached"]
