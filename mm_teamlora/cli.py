@@ -265,30 +265,20 @@ def inspect_routing(model: str = "", data: str = "", out: str = "runs/routing", 
     questions against the unmasked model; the reading compares the preferred masks with the random
     draws' mean +- 2 std (one draw: no spread, only their order).
     Exits 1 on a bad record under --on-error raise, 2 on unusable arguments, files or models."""
-    import json
-
     from .data import DataError
     from .eval import inspect_routing as record_and_analyse, routing_summary_line
-    from .eval.ablation import ablate as masking_test, ablation_markdown
-    from .eval.routing import load_samples, routing_markdown
-    from .files import atomic_write_text
+    from .eval.ablation import ablation_markdown
 
     if not model or not data:
         return _fail("--model and --data are required", 2)
     if ablate and ablate_draws < 1:
         return _fail(f"--ablate-draws must be at least 1, got {ablate_draws}", 2)
     try:
-        lm = _load_model(model, device)
-        result = record_and_analyse(lm, data, out, template=template, image_root=image_root or None,
-                                    batch_size=batch_size, on_error=on_error, max_samples=max_samples,
-                                    max_length=max_length, plots=plots, model_name=model, progress=True)
-        if ablate:  # eval.inspect_routing takes no draw count: the test runs here, then joins routing.json/.md
-            _, _, answers = load_samples(lm, data, template, image_root or None, on_error, max_samples, max_length,
-                                         with_answers=True)
-            result["ablation"] = masking_test(lm, answers, result["layers"], ablate_experts, ablate_seed, batch_size,
-                                              progress=True, random_draws=ablate_draws)
-            atomic_write_text(os.path.join(out, "routing.json"), json.dumps(result, indent=1) + "\n")
-            atomic_write_text(os.path.join(out, "routing.md"), routing_markdown(result))
+        result = record_and_analyse(_load_model(model, device), data, out, template=template,
+                                    image_root=image_root or None, batch_size=batch_size, on_error=on_error,
+                                    max_samples=max_samples, max_length=max_length, plots=plots, model_name=model,
+                                    progress=True, ablate=ablate, ablate_experts=ablate_experts,
+                                    ablate_seed=ablate_seed, ablate_draws=ablate_draws)
     except (DataError, ValueError, FileNotFoundError, ImportError) as e:
         return _failure(e)
     print(f"{routing_summary_line(result)}; routing.json, routing.md and {len(result.get('plots', []))} plots in {out}")

@@ -120,6 +120,15 @@ def test_the_masking_settings_drive_the_test_and_are_part_of_its_cache_key(tmp_p
         assert len(calls) == before + 1
 
 
+def test_a_masking_count_no_routed_run_can_take_errors_before_any_training(tmp_path, demo_data, monkeypatch):
+    import mm_teamlora.compare.recipe as recipe
+
+    monkeypatch.setattr(recipe, "train_run", lambda *a: pytest.fail("trained before the check"))
+    config = compare_config(tmp_path, demo_data, methods=["lora", "teamlora"], ablations=["k2"], masking_experts=2)
+    with pytest.raises(CompareConfigError, match="masking_experts: 2 of k2's 2 experts would leave none"):
+        run_compare(config)
+
+
 def test_the_printed_table_has_the_masking_deltas_of_each_routed_method():
     from mm_teamlora.compare import CompareResult
     from mm_teamlora.compare.summary import _masking_summary, masking_means, mean_std

@@ -40,6 +40,7 @@ def run_compare(config: CompareConfig) -> CompareResult:
         if path and not os.path.isfile(path):
             raise CompareConfigError(f"compare config: {what}: {path} not found")
     the_plan = plan(config)
+    _check_masking(config, the_plan)
     trained: list[str] = []
     first = config.seeds[0]
 
@@ -78,6 +79,15 @@ def run_compare(config: CompareConfig) -> CompareResult:
     summary = summarise(config, the_plan, main, ablations, results, grid, chosen)
     paths = write_reports(summary, config.out)
     return CompareResult(config.out, summary, trained, paths)
+
+
+def _check_masking(config: CompareConfig, the_plan: dict) -> None:
+    """The masking test needs an expert left unmasked in every routed run: say so before training."""
+    for label, entry in the_plan["entries"].items():
+        if entry["method"] in ROUTED and config.masking_experts >= entry["num_experts"]:
+            raise CompareConfigError(f"compare config: masking_experts: {config.masking_experts} of {label}'s "
+                                     f"{entry['num_experts']} experts would leave none to route to; "
+                                     f"use fewer than {entry['num_experts']}")
 
 
 def format_table(result: CompareResult) -> str:

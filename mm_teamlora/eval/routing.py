@@ -195,12 +195,13 @@ def load_samples(model, data: str, template: str = "chat", image_root: str | Non
 def inspect_routing(model, data: str, out_dir: str, template: str = "chat", image_root: str | None = None,
                     batch_size: int = 8, on_error: str = "raise", max_samples: int = 0, max_length: int = 0,
                     plots: bool = True, model_name: str = "", progress: bool = False, ablate: bool = False,
-                    ablate_experts: int = 1, ablate_seed: int = 0) -> dict:
+                    ablate_experts: int = 1, ablate_seed: int = 0, ablate_draws: int = 3) -> dict:
     """Record routing on an MMBench TSV or a conversation JSON/JSONL file; write routing.json,
     routing.md, rejected.jsonl (every skipped row or record) and (with `plots`) PNG heatmaps into
     `out_dir`. With `ablate`, also the causal masking test (`ablation.ablate`: `ablate_experts`
-    image-/text-preferred / random experts masked per layer, answer-token losses) under
-    "ablation". Returns the routing.json content."""
+    image-/text-preferred experts masked per layer, and `ablate_draws` random draws from seeds
+    `ablate_seed`, `ablate_seed + 1`, ...; answer-token losses) under "ablation". Returns the
+    routing.json content."""
     import json
 
     samples, report, answers = load_samples(model, data, template, image_root, on_error, max_samples, max_length,
@@ -213,7 +214,7 @@ def inspect_routing(model, data: str, out_dir: str, template: str = "chat", imag
         from .ablation import ablate as run_ablation
 
         result["ablation"] = run_ablation(model, answers, result["layers"], ablate_experts, ablate_seed, batch_size,
-                                          progress)
+                                          progress, random_draws=ablate_draws)
     os.makedirs(out_dir, exist_ok=True)
     write_rejected([report], os.path.join(out_dir, REJECTED_FILE))
     if plots:
