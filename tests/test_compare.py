@@ -129,6 +129,28 @@ def test_a_masking_count_no_routed_run_can_take_errors_before_any_training(tmp_p
         run_compare(config)
 
 
+def test_with_one_seed_the_masking_reading_uses_the_random_draws_spread():
+    from mm_teamlora.compare.report import masking_lines
+    from mm_teamlora.compare.summary import _masking_summary, masking_means
+
+    def reading(random_std):
+        masks = {"image_preferred": {"delta": {"image": 0.4, "text_only": 0.1}, "image_minus_text": 0.3},
+                 "text_preferred": {"delta": {"image": 0.1, "text_only": 0.3}, "image_minus_text": -0.2},
+                 "random": {"delta": {"image": 0.2, "text_only": 0.2}, "image_minus_text": 0.0,
+                            "std": {"image": 0.01, "text_only": 0.01, "image_minus_text": random_std}}}
+        ablation = {"baseline": {"image": 2.0, "text_only": 3.0}, "questions": {"image": 4, "text_only": 2},
+                    "experts_per_layer": 1, "contrast": "image_vs_text_only", "random_draws": 3, "masks": masks}
+        means = masking_means([{"seed": 0, "routing": {"masking": _masking_summary(ablation)}}])
+        return masking_lines({"teamlora": {"masking": means}})[-1]
+
+    tight = reading(0.05)  # the gaps (+0.3, -0.2) lie beyond 2 x 0.05
+    assert "image_preferred +0.300 vs random (as a causal split predicts; one seed; outside the random " in tight
+    assert "± 2 std = ± 0.100" in tight
+    assert tight.count("INSIDE") == 0
+    assert reading(0.2).count("INSIDE the random draws' ± 2 std = ± 0.400") == 2
+    assert "one seed and one random draw: no spread measured" in reading(None)
+
+
 def test_the_printed_table_has_the_masking_deltas_of_each_routed_method():
     from mm_teamlora.compare import CompareResult
     from mm_teamlora.compare.summary import _masking_summary, masking_means, mean_std

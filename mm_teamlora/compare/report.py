@@ -184,12 +184,15 @@ def masking_lines(rows: dict) -> list[str]:
             lines.append(f"| {name if i == 0 else ''} | {m['runs'] if i == 0 else ''} | {base if i == 0 else ''} | "
                          f"{mask} | {signed(d['image'])} | {signed(d['text_only'])} | "
                          f"{signed(d['image_minus_text'])} |")
-        words.append(_masking_words(name, m["masks"]))
+        words.append(_masking_words(name, m["masks"], m.get("random_std")))
     return lines + [""] + words
 
 
-def _masking_words(name: str, masks: dict) -> str:
-    """Whether the image- and text-preferred masks differ from the random control beyond the seed spread."""
+def _masking_words(name: str, masks: dict, random_std: float | None = None) -> str:
+    """Whether the image- and text-preferred masks differ from the random control beyond the seed
+    spread; with one seed, beyond the random draws' mean ± 2 std (`eval.ablation`'s rule)."""
+    from ..eval.ablation import SPREAD_STDS
+
     control = masks.get("random", {}).get("image_minus_text")
     parts = []
     for mask, sign in (("image_preferred", 1), ("text_preferred", -1)):
@@ -200,8 +203,15 @@ def _masking_words(name: str, masks: dict) -> str:
         gap = d["mean"] - control["mean"]
         spread = None if d["std"] is None or control["std"] is None else d["std"] + control["std"]
         direction = "as a causal split predicts" if sign * gap > 0 else "against what a causal split predicts"
-        where = ("one seed: no spread measured" if spread is None else
-                 f"{'INSIDE' if abs(gap) <= spread else 'outside'} the seed spread ± {spread:.3f}")
+        if spread is not None:
+            where = f"{'INSIDE' if abs(gap) <= spread else 'outside'} the seed spread ± {spread:.3f}"
+        elif random_std:
+            band = SPREAD_STDS * random_std
+            where = (f"one seed; {'INSIDE' if abs(gap) <= band else 'outside'} the random draws' "
+                     f"± {SPREAD_STDS} std = ± {band:.3f}")
+        else:
+            where = "one seed and one random draw: no spread measured"
+
         parts.append(f"{mask} {gap:+.3f} vs random ({direction}; {where})")
     return f"- {name}, Δ img - Δ text against the random control: " + "; ".join(parts)
 

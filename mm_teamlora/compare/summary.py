@@ -31,19 +31,22 @@ def _routing_summary(routing: dict | None) -> dict | None:
 
 def _masking_summary(ablation: dict | None) -> dict | None:
     """The expert-masking test of one run: baseline losses and, per mask, the loss deltas (random:
-    the mean of its `random_draws` draws)."""
+    the mean of its `random_draws` draws; `random_std`: their sample std of Δ image - Δ text-only,
+    None for one draw)."""
     if not ablation or "masks" not in ablation:
         return None
+    random_std = (ablation["masks"].get("random", {}).get("std") or {}).get("image_minus_text")
     return {"baseline": ablation["baseline"], "questions": ablation["questions"],
             "experts_per_layer": ablation["experts_per_layer"], "contrast": ablation["contrast"],
-            "random_draws": ablation.get("random_draws", 1),
+            "random_draws": ablation.get("random_draws", 1), "random_std": random_std,
             "masks": {name: {**m["delta"], "image_minus_text": m["image_minus_text"]}
                       for name, m in ablation["masks"].items()}}
 
 
 def masking_means(rows: list[dict]) -> dict | None:
     """Mean +- std over seeds of the masking test's baseline losses and per-mask deltas
-    (image, text_only, image_minus_text); None when no run of `rows` has one."""
+    (image, text_only, image_minus_text), and the random draws' std within a run (mean over runs);
+    None when no run of `rows` has one."""
     tests = [(r["routing"] or {}).get("masking") for r in rows]
     tests = [t for t in tests if t]
     if not tests:
@@ -51,6 +54,7 @@ def masking_means(rows: list[dict]) -> dict | None:
     names = list(tests[0]["masks"])
     return {"runs": len(tests), "experts_per_layer": tests[0]["experts_per_layer"], "contrast": tests[0]["contrast"],
             "questions": tests[0]["questions"], "random_draws": tests[0].get("random_draws", 1),
+            "random_std": mean_std([t.get("random_std") for t in tests])["mean"],
             "baseline": {kind: mean_std([t["baseline"][kind] for t in tests]) for kind in ("image", "text_only")},
             "masks": {name: {key: mean_std([t["masks"][name][key] for t in tests if name in t["masks"]])
                              for key in ("image", "text_only", "image_minus_text")} for name in names}}
