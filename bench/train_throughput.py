@@ -4,8 +4,8 @@ Ours: the real `train` code (`mm_teamlora.train.__main__.main` under DeepSpeed's
 ZeRO-2, as `mm-teamlora train RUN --nproc 2`) on data_configs/runs/demo_teamlora.yaml (the embedded
 default, 16 tokens per image, the demo mixture), no validation. Methods at TeamLoRA r64 k4's trainable
 parameters (adapters/matching.py): LoRA r66, MoELoRA r64 (published loop form, and fused), HydraLoRA r25,
-TeamLoRA r64; with both levers and without each: `full-logits` (the ranks make
-`multimodal._takes_boolean_logits_to_keep` False: every position's logits, then the kept ones) and
+TeamLoRA r64; with both levers and without each: `full-logits` (`supervised_logits: false`: every
+position's logits, then the kept ones) and
 `no-cache` (`feature_cache: false`; with it, an unmeasured run of the same steps stores the features first).
 Peer: `transformers.Trainer` + peft LoRA (all-linear, our LoRA's rank), the DeepSpeed config our engine
 builds, the same LM and text-only records (runs/demo-data/binding.yaml through our data code), micro-batch
@@ -51,10 +51,6 @@ def _rank_ours(spec: dict) -> tuple[int, dict]:
     from mm_teamlora.train import run as run_module
     from mm_teamlora.train.__main__ import main
 
-    if not spec["logits_to_keep"]:
-        from mm_teamlora.model import multimodal
-
-        multimodal._takes_boolean_logits_to_keep = lambda model_class: False
     steps, inner = [], run_module.train_step
 
     def counted(*args, **kwargs):  # this rank's tokens and supervised tokens of every step
@@ -273,8 +269,9 @@ def main() -> None:
         logits, cache = LEVERS[lever]
         overrides = [*common, f"adapter.method={method}", f"adapter.r={ranks[method][0]}",
                      f"adapter.implementation={implementation}", f"feature_cache={cache_dir if cache else 'false'}",
+                     f"supervised_logits={'true' if logits else 'false'}",
                      f"output_dir={os.path.join(OUT, name, 'train')}", *([f"data={data}"] if data else [])]
-        out, reports = launch(name, {"kind": "ours", "overrides": overrides, "logits_to_keep": logits})
+        out, reports = launch(name, {"kind": "ours", "overrides": overrides})
         figures = ours_figures(out, reports, warmup)
         head_tokens = figures["supervised"] if logits else figures["tokens"]
         figures["flops"] = 4 * p_frozen * figures["tokens"] + 4 * p_head * head_tokens + 6 * ranks[method][1] * figures["tokens"]

@@ -148,6 +148,10 @@ def test_supervised_only_loss_and_gradients_equal_the_full_logits_path(lm_folder
     for name in full_grads:
         assert full_grads[name].abs().max() > 0 or name.startswith("projector."), name
         torch.testing.assert_close(sup_grads[name], full_grads[name], **GRAD_TOL, msg=lambda m: f"{name}: {m}")
+    # supervised_logits: false in a run: the head everywhere, then the supervised positions
+    every = model(*batch, supervised_only=True, all_logits=True)
+    torch.testing.assert_close(every.row_loss.double(), full_row_loss.double(), **LOSS_TOL)
+    assert every.row_tokens.tolist() == sup.row_tokens.tolist()
 
     spliced = model.build_inputs(*batch)
     real = spliced["attention_mask"].bool()

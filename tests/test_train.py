@@ -81,6 +81,7 @@ def test_run_config_round_trips_through_yaml_with_overrides(tmp_path):
     (["optim.lr"], r"write KEY=VALUE"),
     (["stop_at_val_loss=0.1"], r"stop_at_val_loss: needs val_samples > 0 and eval_steps > 0"),
     (["stop_at_val_loss=-1", "val_samples=2", "eval_steps=2"], r"stop_at_val_loss: must be >= 0"),
+    (["supervised_logits=sometimes"], r"supervised_logits: must be true or false"),
 ])
 def test_bad_keys_and_values_name_the_key(tmp_path, overrides, message):
     with pytest.raises(RunConfigError, match=message):
@@ -312,6 +313,20 @@ def test_stop_at_val_loss_ends_the_run_finished_at_the_first_validation_that_rea
     assert json.load(open(os.path.join(run.output_dir, "run_state.json")))["stopped_by"] == "stop_at_val_loss"
     again = train(run, resume="auto")  # a finished run: nothing trains
     assert again.finished and again.steps == expected and again.tokens_per_s == 0.0
+
+
+def test_the_lm_head_at_every_position_trains_the_same_run(tmp_path):
+    """supervised_logits: false (the head everywhere, then the supervised positions kept) follows
+    the default's loss curve, training and validation, to float tolerance."""
+    def curve(run_dir, key):
+        return [r[key] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if key in r]
+
+    common = {"val_samples": 2, "eval_steps": 2, "optim": {"max_steps": 4, "schedule": "constant"}}
+    kept = train(run_config(tmp_path, output_dir=str(tmp_path / "kept"), **common))
+    full = train(run_config(tmp_path, output_dir=str(tmp_path / "full"), supervised_logits=False, **common))
+    for key in ("loss", "val_loss"):
+        assert len(curve(kept.run_dir, key)) >= 2
+        assert curve(full.run_dir, key) == pytest.approx(curve(kept.run_dir, key), rel=1e-4)
 
 
 def _train_in_a_process(path, output_dir, env=None, resume=False):

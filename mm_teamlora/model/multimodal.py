@@ -263,10 +263,12 @@ class MultimodalLM(nn.Module):
 
     # -- forward and generation --------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, image_counts=None,
-                image_features=None, supervised_only: bool = False, tower_features=None, **kwargs):
+                image_features=None, supervised_only: bool = False, tower_features=None, all_logits: bool = False,
+                **kwargs):
         """The language model's output over the spliced sequence (its `loss` is the mean over
         supervised tokens when `labels` are given). `supervised_only=True` (needs labels) returns
         a `SupervisedLoss` instead, with logits computed only where the next label is supervised
+        (`all_logits=True`: at every position, then those kept; the same loss, the head's full cost)
         (and, with `tower_features` (see `build_inputs`), the tower's newly computed features)."""
         inputs = self.build_inputs(input_ids, attention_mask, labels, pixel_values, image_counts,
                                    image_features=image_features, tower_features=tower_features)
@@ -274,12 +276,13 @@ class MultimodalLM(nn.Module):
         if supervised_only:
             if labels is None:
                 raise ValueError("supervised_only=True needs labels")
-            return self._supervised_loss(inputs, tower_features=computed, **kwargs)
+            return self._supervised_loss(inputs, tower_features=computed, all_logits=all_logits, **kwargs)
         with routing_context(inputs["token_groups"], inputs["attention_mask"].bool()):
             return self.language_model(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
                                        labels=inputs["labels"], **kwargs)
 
-    def _supervised_loss(self, inputs: dict, tower_features: torch.Tensor | None = None, **kwargs) -> "SupervisedLoss":
+    def _supervised_loss(self, inputs: dict, tower_features: torch.Tensor | None = None, all_logits: bool = False,
+                         **kwargs) -> "SupervisedLoss":
         """Cross-entropy summed over supervised tokens, with the LM head run only at the positions
         t whose label t + 1 is supervised (transformers' boolean `logits_to_keep`), so each model
         keeps its own logit post-processing. Most positions of a multimodal batch (prompts, image
@@ -289,7 +292,7 @@ class MultimodalLM(nn.Module):
         keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         targets = labels[:, 1:][keep[:, :-1]]
         with routing_context(inputs["token_groups"], mask.bool()):
-            if _takes_boolean_logits_to_keep(type(self.language_model)):
+            if not all_logits and _takes_boolean_logits_to_keep(type(self.language_model)):
                 logits = self.language_model(inputs_embeds=inputs["inputs_embeds"], attention_mask=mask,
                                              logits_to_keep=keep, **kwargs).logits
             else:  # a model without (boolean) logits_to_keep: every position's logits, then the kept ones

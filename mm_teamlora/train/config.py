@@ -22,6 +22,11 @@ the package cache (`$MM_TEAMLORA_CACHE/vision_features`), a string names the fol
 the working directory, as `output_dir`). The log says whether it is on and counts its hits; it
 turns itself off where the tower trains or the preprocessing is random. See train/feature_cache.py.
 
+`supervised_logits` (default true) runs the LM head only at positions whose next token is
+supervised (transformers' boolean `logits_to_keep`); false runs it at every position and keeps
+those, as LLaVA's and LLaMA-Factory's trainers do: the same loss, for comparisons, or a model whose
+forward mishandles a boolean `logits_to_keep`.
+
 `seed` sets the data order, dropout and, unless `adapter.seed` is given, the adapter's
 initialisation. `stop_at_val_loss` ends a run on evidence rather than on a step count: at the first
 validation (every `eval_steps`) whose loss per supervised token is at or below it, the run saves,
@@ -150,6 +155,7 @@ class RunConfig:
     deepspeed: int | str = 2  # ZeRO stage, or the path of a ZeRO JSON
     gradient_checkpointing: bool = False
     feature_cache: bool | str = False  # true: under the package cache; a string: that folder
+    supervised_logits: bool = True  # the LM head only where a label is (false: everywhere, as LLaVA; same loss)
     dataloader_workers: int = 0
     val_samples: int = 0  # records held out of the training mixture for the validation loss
     save_steps: int = 0  # a checkpoint every N optimizer steps (0: only at the end)
@@ -184,6 +190,7 @@ class RunConfig:
         _flag("gradient_checkpointing", self.gradient_checkpointing)
         if not isinstance(self.feature_cache, (bool, str)) or self.feature_cache == "":
             _fail("feature_cache", f"must be true, false or a folder, got {self.feature_cache!r}")
+        _flag("supervised_logits", self.supervised_logits)
         _flag("tensorboard", self.tensorboard)
         self.dataloader_workers = _number("dataloader_workers", self.dataloader_workers, int, minimum=0)
         self.val_samples = _number("val_samples", self.val_samples, int, minimum=0)

@@ -89,15 +89,16 @@ class StepStats:
         return self.aux_sum / max(self.micro_batches, 1)
 
 
-def _forward(engine, batch: dict, feature_cache=None):
-    """The engine's supervised-only forward of one micro-batch; with a feature cache, the stored
-    tower features go in (the tower runs on the other images) and the new ones are stored."""
+def _forward(engine, batch: dict, feature_cache=None, all_logits: bool = False):
+    """The engine's supervised-only forward of one micro-batch (`all_logits`: the LM head at every
+    position); with a feature cache, the stored tower features go in (the tower runs on the other
+    images) and the new ones are stored."""
     inputs = to_device(batch, engine.device)
     lookup = None
     if feature_cache is not None and batch["pixel_values"] is not None:
         lookup = feature_cache.lookup(batch["pixel_values"])
         inputs["tower_features"] = [None if f is None else f.to(engine.device) for f in lookup.features]
-    out = engine(**inputs, supervised_only=True)
+    out = engine(**inputs, supervised_only=True, all_logits=all_logits)
     if lookup is not None:
         feature_cache.store(lookup, out.tower_features)
     return out, lookup
@@ -120,11 +121,11 @@ def _add_output(stats: StepStats, out, sources: list[str], source_index: dict[st
 
 
 def train_step(engine, micro_batches: list[dict], source_names: list[str], world_size: int,
-               record: bool = False, feature_cache=None) -> tuple[StepStats, object | None]:
+               record: bool = False, feature_cache=None, all_logits: bool = False) -> tuple[StepStats, object | None]:
     """Forward and backward of every micro-batch, the optimizer step at the last one (DeepSpeed
     steps at its accumulation boundary). Returns this rank's sums and, when `record`, the routing
     recorded over the step. `feature_cache` (a `feature_cache.FeatureCache`) supplies and keeps
-    the frozen tower's features."""
+    the frozen tower's features; `all_logits` runs the LM head at every position (`supervised_logits: false`)."""
     model = engine.module
     index = {name: i for i, name in enumerate(source_names)}
     stats = StepStats(source_loss=[0.0] * len(source_names), source_tokens=[0] * len(source_names))
@@ -135,7 +136,7 @@ def train_step(engine, micro_batches: list[dict], source_names: list[str], world
     recording = record_routing(model) if routed else contextlib.nullcontext()
     with recording as routing:
         for batch in micro_batches:
-            out, lookup = _forward(engine, batch, feature_cache)
+            out, lookup = _forward(engine, batch, feature_cache, all_logits)
             _count_lookup(stats, lookup)
             aux = collect_aux_loss(model).to(out.loss_sum)
             engine.backward(out.loss_sum * factor + aux)
@@ -148,14 +149,14 @@ def train_step(engine, micro_batches: list[dict], source_names: list[str], world
 
 
 @torch.no_grad()
-def validate(engine, batches, source_names: list[str], feature_cache=None) -> StepStats:
+def validate(engine, batches, source_names: list[str], feature_cache=None, all_logits: bool = False) -> StepStats:
     """Summed loss over held-out batches on this rank (every rank runs the same number)."""
     engine.eval()
     index = {name: i for i, name in enumerate(source_names)}
     stats = StepStats(source_loss=[0.0] * len(source_names), source_tokens=[0] * len(source_names))
     try:
         for batch in batches:
-            out, lookup = _forward(engine, batch, feature_cache)
+            out, lookup = _forward(engine, batch, feature_cache, all_logits)
             _count_lookup(stats, lookup)
             _add_output(stats, out, batch["sources"], index)
             stats.supervised += supervised_tokens(batch)

@@ -202,7 +202,8 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
         micro = [next(batches) for _ in range(gas)]
         lrs = [g["lr"] for g in engine.optimizer.param_groups]
         logging_step = (step + 1) % run.log_steps == 0 or step + 1 == total
-        stats, routing = train_step(engine, micro, source_names, world, record=logging_step, feature_cache=cache)
+        stats, routing = train_step(engine, micro, source_names, world, record=logging_step, feature_cache=cache,
+                                    all_logits=not run.supervised_logits)
         step += 1
         if rank == 0:
             elapsed = time.perf_counter() - started
@@ -293,7 +294,7 @@ def _record(step, stream, stats, lrs, names, engine, window, source_names) -> di
 
 def _validate(run, engine, view, collator, source_names, log, step, rank, world, cache=None) -> float:
     stats = validate(engine, _val_batches(view, collator, run, rank, world), source_names,
-                     feature_cache=cache).reduce(len(source_names))
+                     feature_cache=cache, all_logits=not run.supervised_logits).reduce(len(source_names))
     by_source = {n: stats.source_loss[i] / stats.source_tokens[i] for i, n in enumerate(source_names)
                  if stats.source_tokens[i]}
     if log is not None:
