@@ -164,7 +164,8 @@ def _binding_overrides(config: DemoConfig, info: dict, stage_dir: str) -> list[s
         held_out = min(BINDING_VAL, len(json.load(f)) // 4)
     stop = [f"val_samples={held_out}", f"eval_steps={BINDING_EVAL_STEPS}", f"stop_at_val_loss={BINDING_TARGET}"]
     return [f"data={info['binding_config']}", f"optim.max_steps={config.binding_steps}", "optim.schedule=constant",
-            f"optim.lr={BINDING_LR:g}", f"optim.max_minutes={config.minutes / 3:g}", f"output_dir={stage_dir}", "save_minutes=null",
+            f"optim.lr={BINDING_LR:g}", f"optim.max_minutes={config.minutes / 3:g}", f"output_dir={stage_dir}",
+            "save_minutes=null",
             *(stop if held_out else ["val_samples=0"]), *config.overrides]
 
 

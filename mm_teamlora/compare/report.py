@@ -211,7 +211,6 @@ def _masking_words(name: str, masks: dict, random_std: float | None = None) -> s
                      f"± {SPREAD_STDS} std = ± {band:.3f}")
         else:
             where = "one seed and one random draw: no spread measured"
-
         parts.append(f"{mask} {gap:+.3f} vs random ({direction}; {where})")
     return f"- {name}, Δ img - Δ text against the random control: " + "; ".join(parts)
 
