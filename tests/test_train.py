@@ -17,7 +17,8 @@ from mm_teamlora.model import MultimodalLM
 from mm_teamlora.train import RunConfig, RunConfigError, train
 from mm_teamlora.train.checkpoint import checkpoints, latest
 from mm_teamlora.train.data import collate_with_names
-from mm_teamlora.train.engine import build_model, deepspeed_config, init_distributed, initialize, parameter_groups
+from mm_teamlora.train.engine import (Schedule, build_model, deepspeed_config, init_distributed, initialize,
+                                     parameter_groups)
 from mm_teamlora.train.loop import train_step
 from mm_teamlora.train.metrics import read_metrics
 
@@ -82,6 +83,7 @@ def test_run_config_round_trips_through_yaml_with_overrides(tmp_path):
     (["stop_at_val_loss=0.1"], r"stop_at_val_loss: needs val_samples > 0 and eval_steps > 0"),
     (["stop_at_val_loss=-1", "val_samples=2", "eval_steps=2"], r"stop_at_val_loss: must be >= 0"),
     (["supervised_logits=sometimes"], r"supervised_logits: must be true or false"),
+    (["optim.fit_to_minutes=true"], r"optim.fit_to_minutes: needs optim.max_minutes"),
 ])
 def test_bad_keys_and_values_name_the_key(tmp_path, overrides, message):
     with pytest.raises(RunConfigError, match=message):
@@ -290,6 +292,39 @@ def test_max_minutes_stops_every_rank_at_a_step_boundary_with_a_checkpoint(tmp_p
         train(run)
     resumed = train(RunConfig.from_dict(run.to_dict(), overrides=["optim.max_minutes=null"]), resume="auto")
     assert resumed.finished and resumed.steps == 50
+
+
+def test_a_fitted_schedule_keeps_its_warm_up_ends_its_decay_at_the_new_length_and_survives_the_state_dict():
+    def factors(schedule, steps):
+        return [schedule(s) for s in range(steps)]
+
+    planned = Schedule(100, 0.1, "cosine", 0.0)
+    fitted = Schedule(100, 0.1, "cosine", 0.0)
+    fitted.fit(40)
+    assert fitted.fitted and not planned.fitted and fitted.warmup == planned.warmup == 10
+    assert factors(fitted, 10) == factors(planned, 10)  # the warm-up it started with
+    assert fitted(10) == planned(10) == 1.0 and fitted(40) == 0.0 and planned(40) > 0.5
+    assert fitted(25) == pytest.approx(0.5)  # halfway through the decay over 40 - 10 steps
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    saved = torch.optim.lr_scheduler.LambdaLR(optimizer, fitted).state_dict()
+    restored = torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(100, 0.1, "cosine", 0.0))
+    restored.load_state_dict(saved)
+    assert restored.lr_lambdas[0].total == 40 and restored.lr_lambdas[0].fitted
+
+
+def test_fit_to_minutes_ends_a_time_bounded_run_with_its_decay_done_and_resume_keeps_the_fitted_length(tmp_path):
+    run = run_config(tmp_path, optim={"max_steps": 5000, "max_minutes": 0.1, "fit_to_minutes": True,
+                                      "warmup_ratio": 0.001, "grad_accum": 1})
+    result = train(run)
+    assert 10 < result.total_steps < 5000  # fitted to the 6 seconds
+    state = json.load(open(os.path.join(run.output_dir, "run_state.json")))
+    assert state["planned_steps"] == 5000 and state["total_steps"] == result.total_steps
+    lrs = [r["lr"]["adapters"] for r in read_metrics(os.path.join(run.output_dir, "metrics.jsonl")) if "lr" in r]
+    assert max(lrs) == pytest.approx(1e-2)
+    # done with the decay: finished on the schedule, or cut by max_minutes within its last tenth
+    assert lrs[-1] < 0.03 * 1e-2 if result.finished else lrs[-1] < 0.1 * 1e-2
+    again = train(RunConfig.from_dict(run.to_dict(), overrides=["optim.max_minutes=5"]), resume="auto")
+    assert again.total_steps == result.total_steps and again.finished  # the fitted length, not 5000
 
 
 def test_stop_at_val_loss_ends_the_run_finished_at_the_first_validation_that_reaches_it(tmp_path):

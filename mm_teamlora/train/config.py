@@ -99,8 +99,13 @@ class OptimConfig:
     """Optimisation: AdamW on adapters (+ routers and M, without decay) and the projector.
 
     The schedule runs over `max_steps` optimizer steps, or `epochs` passes over the training set
-    when `max_steps` is not given; `max_minutes` only ends a run early (with a checkpoint), it never
-    changes the schedule. One optimizer step = `grad_accum` micro-batches of `micro_batch_size` on
+    when `max_steps` is not given; `max_minutes` ends a run early (with a checkpoint) and, alone, never
+    changes the schedule. `fit_to_minutes` (needs `max_minutes`) fits the schedule to the time instead:
+    after the warm-up (and at least train.run.FIT_AFTER_STEPS steps) rank 0 measures this sitting's seconds per
+    step, validation and saving included, and shortens the schedule to the steps that fit in what is
+    left of `max_minutes` (x FIT_MARGIN; never longer than planned), so a time-bounded run ends with
+    its decay done instead of being cut in the middle of it; the fitted length is saved with the
+    checkpoint. One optimizer step = `grad_accum` micro-batches of `micro_batch_size` on
     every rank: global batch = micro_batch_size x grad_accum x ranks."""
 
     lr: float = 2e-4
@@ -114,6 +119,7 @@ class OptimConfig:
     epochs: float = 1.0
     max_steps: int | None = None
     max_minutes: float | None = None
+    fit_to_minutes: bool = False
     micro_batch_size: int = 4
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0  # None: no clipping
@@ -135,6 +141,9 @@ class OptimConfig:
         self.epochs = _number(w + "epochs", self.epochs, positive=True)
         self.max_steps = _number(w + "max_steps", self.max_steps, int, positive=True, optional=True)
         self.max_minutes = _number(w + "max_minutes", self.max_minutes, positive=True, optional=True)
+        self.fit_to_minutes = _flag(w + "fit_to_minutes", self.fit_to_minutes)
+        if self.fit_to_minutes and self.max_minutes is None:
+            _fail(w + "fit_to_minutes", "needs optim.max_minutes (the time to fit the schedule to)")
         self.micro_batch_size = _number(w + "micro_batch_size", self.micro_batch_size, int, positive=True)
         self.grad_accum = _number(w + "grad_accum", self.grad_accum, int, positive=True)
         self.max_grad_norm = _number(w + "max_grad_norm", self.max_grad_norm, positive=True, optional=True)

@@ -127,15 +127,32 @@ def parameter_groups(model: MultimodalLM, run: RunConfig) -> list[dict]:
             for name, (lr, decay) in groups.items() if members[name]]
 
 
-def lr_factor(step: int, total: int, warmup_ratio: float, schedule: str, min_ratio: float) -> float:
-    warmup = math.ceil(warmup_ratio * total)
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-    return min_ratio + (1 - min_ratio) * shape
+class Schedule:
+    """The lr factor f(s) of the module doc, as a callable object: LambdaLR saves an object's
+    attributes with the scheduler's state (not a function's), so a length shortened by
+    `fit(total)` (optim.fit_to_minutes) comes back with the checkpoint. Fitting keeps the warm-up
+    W it started with; the decay then runs over the new S - W."""
+
+    def __init__(self, total: int, warmup_ratio: float, schedule: str, min_ratio: float):
+        self.total, self.planned = total, total
+        self.warmup = math.ceil(warmup_ratio * total)
+        self.schedule, self.min_ratio = schedule, min_ratio
+
+    def fit(self, total: int) -> None:
+        self.total = max(total, self.warmup + 1)
+
+    @property
+    def fitted(self) -> bool:
+        return self.total != self.planned
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1.0 - progress
+        return self.min_ratio + (1 - self.min_ratio) * shape
 
 
 def build_optimizer(model: MultimodalLM, run: RunConfig, total_steps: int):
@@ -145,7 +162,7 @@ def build_optimizer(model: MultimodalLM, run: RunConfig, total_steps: int):
     optimizer = torch.optim.AdamW(groups, lr=run.optim.lr, betas=tuple(run.optim.betas), eps=run.optim.eps)
     o = run.optim
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, o.warmup_ratio, o.schedule, o.min_lr_ratio))
+        optimizer, Schedule(total_steps, o.warmup_ratio, o.schedule, o.min_lr_ratio))
     return optimizer, schedule
 
 

@@ -62,7 +62,7 @@ class StepStats:
     source_tokens: list = field(default_factory=list)
     cache_hits: int = 0  # images whose tower features came from the feature cache
     cache_misses: int = 0  # images the tower ran on while the cache was on
-    flags: list = field(default_factory=lambda: [0.0, 0.0])  # rank 0's decisions: stop, save
+    flags: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # rank 0's decisions: stop, save, fitted length
 
     def vector(self) -> torch.Tensor:
         return torch.tensor([self.loss_sum, self.aux_sum, self.micro_batches, self.supervised, self.tokens,

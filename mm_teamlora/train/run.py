@@ -6,7 +6,7 @@
 3. `deepspeed.initialize` with the run's groups and schedule; resume the engine, RNGs and sampler
    position from a checkpoint when asked.
 4. Steps until `max_steps` (or `epochs`), `max_minutes` (rank 0 decides, every rank stops at the
-   same step) or a validation loss at or below `stop_at_val_loss` (reduced over ranks, so every rank
+   same step; with `fit_to_minutes` the schedule is first shortened to fit it) or a validation loss at or below `stop_at_val_loss` (reduced over ranks, so every rank
    decides the same); checkpoints every `save_steps` / `save_minutes` and at the end; validation every
    `eval_steps` and at the end; metrics every `log_steps`.
 
@@ -43,6 +43,9 @@ from .metrics import MetricsLog, format_routing, plot_loss_curve
 logger = logging.getLogger(__name__)
 RUN_STATE, RUN_CONFIG = "run_state.json", "run_config.yaml"
 KILL_AT_STEP = "MM_TEAMLORA_TEST_KILL_AT_STEP"  # tests: SIGKILL this process after that step
+# optim.fit_to_minutes: steps measured before fitting (past the warm-up), and the share of the time
+# left that the fitted steps may fill (validations not yet seen in the measurement need the rest)
+FIT_AFTER_STEPS, FIT_MARGIN = 10, 0.95
 
 
 @dataclass
@@ -155,7 +158,7 @@ def train(run: RunConfig, resume: str | None = None, overwrite: bool = False) ->
     cache = feature_cache.from_run(run.feature_cache, model, dataset.image_processor,
                                    bool(dataset.image_counts.sum()), device(), log=rank == 0)
     _seed_everything(run.seed + rank)
-    engine, optimizer, _ = initialize(model, run, world, total)
+    engine, optimizer, scheduler = initialize(model, run, world, total)
     engine.train()
     model.vision_on_every_batch = engine.zero_optimization_stage() == 3
     step, state = 0, {}
@@ -163,6 +166,11 @@ def train(run: RunConfig, resume: str | None = None, overwrite: bool = False) ->
         state = checkpoint.load(engine, resume_from)
         step = state["step"]
         stream.load_state_dict(state["sampler"])
+        schedule = scheduler.lr_lambdas[0]
+        if schedule.fitted:  # a length fitted to max_minutes comes back with the scheduler's state
+            total = schedule.total
+        else:  # otherwise this run's config decides, as before the checkpoint
+            schedule.__init__(total, run.optim.warmup_ratio, run.optim.schedule, run.optim.min_lr_ratio)
         logger.info("resumed from %s at step %d of %d", resume_from, step, total)
     if state.get("finished"):
         logger.info("%s already finished (%d steps%s): nothing to train", run_dir, step,
@@ -172,7 +180,7 @@ def train(run: RunConfig, resume: str | None = None, overwrite: bool = False) ->
     log = MetricsLog(run_dir, run.tensorboard, resume_step=step) if rank == 0 else None
     names = group_names(optimizer)
     result = _steps(run, engine, stream, val_view, collator, source_names, log, names, step, total, rank, world,
-                    state, cache)
+                    state, cache, scheduler)
     if log is not None:
         log.close()
         plot_loss_curve(run_dir)
@@ -187,8 +195,10 @@ def _val_batches(view, collator, run: RunConfig, rank: int, world: int):
 
 
 def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, source_names, log, group_names_,
-           step: int, total: int, rank: int, world: int, state: dict, cache=None) -> RunResult:
+           step: int, total: int, rank: int, world: int, state: dict, cache=None, scheduler=None) -> RunResult:
     gas, o = run.optim.grad_accum, run.optim
+    fit_pending = o.fit_to_minutes and scheduler is not None and not scheduler.lr_lambdas[0].fitted
+    first_step, first_done = step, None
     kill_at = int(os.environ.get(KILL_AT_STEP, "0"))
     batches = iter(stream)
     started = last_save = time.perf_counter()
@@ -206,11 +216,18 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
                                     all_logits=not run.supervised_logits)
         step += 1
         if rank == 0:
-            elapsed = time.perf_counter() - started
+            now = time.perf_counter()
+            elapsed = now - started
+            first_done = first_done or now
             stats.flags = [float(o.max_minutes is not None and elapsed >= o.max_minutes * 60),
-                           float(run.save_minutes is not None and time.perf_counter() - last_save >= run.save_minutes * 60)]
+                           float(run.save_minutes is not None and now - last_save >= run.save_minutes * 60),
+                           float(_fitted_total(o, scheduler, step, total, elapsed, now - first_done, step - first_step - 1)
+                                 if fit_pending else 0)]
         stats = stats.reduce(len(source_names))
         stopped = bool(stats.flags[0])
+        if stats.flags[2] > 0:
+            fit_pending = False
+            total = _fit_schedule(scheduler, int(stats.flags[2]), total, rank, bar)
         if cache is not None:
             _count_cache(cached, stats, micro[-1]["epoch"], step, rank)
         seconds = timer.lap()
@@ -241,7 +258,8 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
         if last or reached or (run.save_steps and step % run.save_steps == 0) or stats.flags[1]:
             finished = step == total or reached
             stopped_by = "stop_at_val_loss" if reached else "max_minutes" if stopped and step < total else None
-            trainer_state = {"step": step, "total_steps": total, "finished": finished, "stopped_by": stopped_by,
+            trainer_state = {"step": step, "total_steps": total, "planned_steps": scheduler.lr_lambdas[0].planned
+                             if scheduler is not None else total, "finished": finished, "stopped_by": stopped_by,
                              "sampler": stream.state_dict(), "train_loss": train_loss, "val_loss": val_loss,
                              "seed": run.seed, "world_size": world,
                              "sitting_seconds": round(time.perf_counter() - started, 2)}
@@ -250,6 +268,7 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
             if rank == 0:
                 atomic_write_text(os.path.join(run.output_dir, RUN_STATE), json.dumps(
                     {"finished": finished, "stopped_by": stopped_by, "step": step, "total_steps": total,
+                     "planned_steps": trainer_state["planned_steps"],
                      "checkpoint": os.path.basename(folder), "sitting_tokens": sitting_tokens,
                      "sitting_seconds": round(time.perf_counter() - started, 2)}, indent=1) + "\n")
                 bar.write(f"saved {folder}")
@@ -266,6 +285,34 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
                     o.max_minutes, step, total)
     return RunResult(run.output_dir, checkpoint.latest(run.output_dir), step, total, step == total or reached,
                      train_loss, val_loss, sitting_tokens / max(train_seconds, 1e-9), train_seconds)
+
+
+def _fitted_total(o, scheduler, step: int, total: int, elapsed: float, measured: float, measured_steps: int) -> int:
+    """Rank 0's fitted schedule length at this step (0: not yet, or no change): this sitting's
+    seconds per step since its first step, into what is left of max_minutes."""
+    if measured_steps < FIT_AFTER_STEPS or step < scheduler.lr_lambdas[0].warmup or measured <= 0:
+        return 0
+    steps_left = math.floor((o.max_minutes * 60 - elapsed) / (measured / measured_steps) * FIT_MARGIN)
+    return max(step + 1, min(total, step + steps_left))
+
+
+def _fit_schedule(scheduler, fitted: int, total: int, rank: int, bar) -> int:
+    """Shorten the schedule to `fitted` steps on every rank (the lr of the next step included)."""
+    schedule = scheduler.lr_lambdas[0]
+    if fitted >= total:
+        if rank == 0:
+            logger.info("fit_to_minutes: the planned %d steps fit in max_minutes; the schedule is unchanged", total)
+        return total
+    schedule.fit(fitted)
+    factor = schedule(scheduler.last_epoch)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * factor
+    if rank == 0:
+        bar.total = fitted
+        bar.refresh()
+        logger.info("fit_to_minutes: the schedule now ends at step %d (planned %d): what fits in max_minutes at "
+                    "this sitting's speed", fitted, total)
+    return fitted
 
 
 def _count_cache(counts: dict, stats, epoch: int, step: int, rank: int) -> None:
