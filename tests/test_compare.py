@@ -200,6 +200,7 @@ def test_the_checked_in_short_form_reads():
     assert config.seeds == [0] and not config.alpha_grid and not config.ablations
     assert sorted(config.methods) == ["hydralora", "lora", "moelora", "teamlora"]
     assert config.base_run == os.path.join(REPO, "data_configs", "runs", "demo_teamlora.yaml")
+    assert "optim.max_steps=390" in config.run_overrides  # its own step count, not the demo's 700-step cap
 
 
 def test_two_methods_one_seed_end_to_end_then_a_rerun_trains_nothing(tmp_path, demo_data, monkeypatch):

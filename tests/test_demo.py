@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import write_tiny_run
-from mm_teamlora.demo import BINDING_LR, BINDING_TARGET, DemoConfig, format_table, passes_bar, run_demo
+from mm_teamlora.demo import BINDING_LR, BINDING_TARGET, DemoConfig, DemoResult, format_table, passes_bar, run_demo
 from mm_teamlora.data.demo import build_demo_data
 from mm_teamlora.model import MultimodalLM
 from test_data_demo import fake_assets
@@ -48,7 +48,9 @@ def test_demo_builds_data_evaluates_trains_evaluates_and_reports(tmp_path):
     # it is measured on held-out binding records and would end at the target; here it ran to its cap
     assert stage_run["stop_at_val_loss"] == BINDING_TARGET and stage_run["val_samples"] == 24 // 4
     assert result.binding["steps"] == 2 and result.binding["val_loss"] > 0 and not result.binding["reached"]
-    assert yaml.safe_load(open(os.path.join(result.run_dir, "run_config.yaml")))["model"] == result.paths["binding_stage"]
+    main_run = yaml.safe_load(open(os.path.join(result.run_dir, "run_config.yaml")))
+    assert main_run["model"] == result.paths["binding_stage"]
+    assert main_run["optim"]["fit_to_minutes"] and 0 < main_run["optim"]["max_minutes"] < 5  # what the stage left
     table = format_table(result)
     for needle in ("untuned", "tuned", "chance", "by category", "tokens/s", "phases:", result.checkpoint,
                    "binding stage: 2 steps, held-out answer loss", "did not reach the target 0.15",
@@ -79,3 +81,14 @@ def test_the_bar_uses_the_circular_lower_bound_and_chance():
     assert not passes_bar(report(0.25, 0.0), report(0.35, 0.05, low=0.03))["passed"]  # +10 points only
     assert not passes_bar(report(0.25, 0.0), report(0.45, 0.01, low=0.002))["passed"]  # bound under chance
     assert not passes_bar(report(0.25, 0.04), report(0.45, 0.05, low=0.03))["passed"]  # bound under untuned
+
+
+def test_the_table_says_when_the_schedule_was_fitted_to_the_minutes():
+    state = {"step": 524, "total_steps": 531, "planned_steps": 700, "finished": False,
+             "sitting_tokens": 107_000, "sitting_seconds": 1000.0}
+    table = format_table(DemoResult(out="o", run_dir="o/teamlora", checkpoint="c", run_state=state))
+    assert "524 of 531 steps (the schedule fitted to --minutes; planned 700), 107 tokens/s" in table
+    assert "stopped by --minutes" in table
+    unfitted = format_table(DemoResult(out="o", run_dir="o/teamlora", checkpoint="c",
+                                       run_state={**state, "total_steps": 700, "step": 700, "finished": True}))
+    assert "700 of 700 steps, 107 tokens/s" in unfitted and "fitted" not in unfitted
