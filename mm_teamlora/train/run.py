@@ -6,9 +6,10 @@
 3. `deepspeed.initialize` with the run's groups and schedule; resume the engine, RNGs and sampler
    position from a checkpoint when asked.
 4. Steps until `max_steps` (or `epochs`), `max_minutes` (rank 0 decides, every rank stops at the
-   same step; with `fit_to_minutes` the schedule is first shortened to fit it) or a validation loss at or below `stop_at_val_loss` (reduced over ranks, so every rank
-   decides the same); checkpoints every `save_steps` / `save_minutes` and at the end; validation every
-   `eval_steps` and at the end; metrics every `log_steps`.
+   same step; with `fit_to_minutes` the schedule is first shortened to fit it) or a validation loss
+   at or below `stop_at_val_loss` (reduced over ranks, so every rank decides the same); checkpoints
+   every `save_steps` / `save_minutes` and at the end; validation every `eval_steps` and at the end;
+   metrics every `log_steps`.
 
 The run folder: run_config.yaml (resolved, overrides applied), data_report.json, metrics.jsonl,
 tb/, loss_curve.png, checkpoint-*/ (see checkpoint.py), latest, run_state.json.
@@ -195,9 +196,9 @@ def _val_batches(view, collator, run: RunConfig, rank: int, world: int):
 
 
 def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, source_names, log, group_names_,
-           step: int, total: int, rank: int, world: int, state: dict, cache=None, scheduler=None) -> RunResult:
+           step: int, total: int, rank: int, world: int, state: dict, cache, scheduler) -> RunResult:
     gas, o = run.optim.grad_accum, run.optim
-    fit_pending = o.fit_to_minutes and scheduler is not None and not scheduler.lr_lambdas[0].fitted
+    fit_pending = o.fit_to_minutes and not scheduler.lr_lambdas[0].fitted
     first_step, first_done = step, None
     kill_at = int(os.environ.get(KILL_AT_STEP, "0"))
     batches = iter(stream)
@@ -219,10 +220,11 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
             now = time.perf_counter()
             elapsed = now - started
             first_done = first_done or now
+            fitted = _fitted_total(o, scheduler, step, total, elapsed, now - first_done, step - first_step - 1) \
+                if fit_pending else 0
             stats.flags = [float(o.max_minutes is not None and elapsed >= o.max_minutes * 60),
                            float(run.save_minutes is not None and now - last_save >= run.save_minutes * 60),
-                           float(_fitted_total(o, scheduler, step, total, elapsed, now - first_done, step - first_step - 1)
-                                 if fit_pending else 0)]
+                           float(fitted)]
         stats = stats.reduce(len(source_names))
         stopped = bool(stats.flags[0])
         if stats.flags[2] > 0:
@@ -258,8 +260,8 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
         if last or reached or (run.save_steps and step % run.save_steps == 0) or stats.flags[1]:
             finished = step == total or reached
             stopped_by = "stop_at_val_loss" if reached else "max_minutes" if stopped and step < total else None
-            trainer_state = {"step": step, "total_steps": total, "planned_steps": scheduler.lr_lambdas[0].planned
-                             if scheduler is not None else total, "finished": finished, "stopped_by": stopped_by,
+            trainer_state = {"step": step, "total_steps": total, "planned_steps": scheduler.lr_lambdas[0].planned,
+                             "finished": finished, "stopped_by": stopped_by,
                              "sampler": stream.state_dict(), "train_loss": train_loss, "val_loss": val_loss,
                              "seed": run.seed, "world_size": world,
                              "sitting_seconds": round(time.perf_counter() - started, 2)}
@@ -288,7 +290,7 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
 
 
 def _fitted_total(o, scheduler, step: int, total: int, elapsed: float, measured: float, measured_steps: int) -> int:
-    """Rank 0's fitted schedule length at this step (0: not yet, or no change): this sitting's
+    """Rank 0's fitted schedule length at this step (0: not measured enough yet): this sitting's
     seconds per step since its first step, into what is left of max_minutes."""
     if measured_steps < FIT_AFTER_STEPS or step < scheduler.lr_lambdas[0].warmup or measured <= 0:
         return 0
