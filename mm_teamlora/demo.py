@@ -161,14 +161,16 @@ def _train(config: DemoConfig, overrides: list[str], run_dir: str) -> str:
 def _binding_overrides(config: DemoConfig, info: dict, stage_dir: str) -> list[str]:
     """The binding stage: at a constant rate (binding sets in suddenly, and a decaying rate delays
     it), until the held-out binding questions are answered, capped by `binding_steps` and by a
-    third of --minutes (so a short demo still trains on the pictures)."""
+    third of --minutes (so a short demo still trains on the pictures). The user's overrides come
+    first, so they reach the stage's model, adapter and seed but not the stage's own data, rate,
+    schedule, cap, minutes or stop rule (`--binding-steps` sets the cap)."""
     with open(info["binding"], encoding="utf-8") as f:
         held_out = min(BINDING_VAL, len(json.load(f)) // 4)
     stop = [f"val_samples={held_out}", f"eval_steps={BINDING_EVAL_STEPS}", f"stop_at_val_loss={BINDING_TARGET}"]
-    return [f"data={info['binding_config']}", f"optim.max_steps={config.binding_steps}", "optim.schedule=constant",
-            f"optim.lr={BINDING_LR:g}", f"optim.max_minutes={config.minutes / 3:g}", f"output_dir={stage_dir}",
-            "save_minutes=null",
-            *(stop if held_out else ["val_samples=0"]), *config.overrides]
+    return [*config.overrides, f"data={info['binding_config']}", f"optim.max_steps={config.binding_steps}",
+            "optim.schedule=constant", f"optim.lr={BINDING_LR:g}", f"optim.max_minutes={config.minutes / 3:g}",
+            "optim.fit_to_minutes=false", f"output_dir={stage_dir}", "save_minutes=null",
+            *(stop if held_out else ["val_samples=0"])]
 
 
 def _binding_result(stage_dir: str, checkpoint: str) -> dict:

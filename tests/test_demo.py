@@ -8,9 +8,11 @@ import pytest
 import yaml
 
 from conftest import write_tiny_run
-from mm_teamlora.demo import BINDING_LR, BINDING_TARGET, DemoConfig, DemoResult, format_table, passes_bar, run_demo
+from mm_teamlora.demo import (BINDING_LR, BINDING_TARGET, DemoConfig, DemoResult, _binding_overrides, format_table,
+                              passes_bar, run_demo)
 from mm_teamlora.data.demo import build_demo_data
 from mm_teamlora.model import MultimodalLM
+from mm_teamlora.train import RunConfig
 from test_data_demo import fake_assets
 
 
@@ -92,3 +94,16 @@ def test_the_table_says_when_the_schedule_was_fitted_to_the_minutes():
     unfitted = format_table(DemoResult(out="o", run_dir="o/teamlora", checkpoint="c",
                                        run_state={**state, "total_steps": 700, "step": 700, "finished": True}))
     assert "700 of 700 steps, 107 tokens/s" in unfitted and "fitted" not in unfitted
+
+
+def test_user_overrides_reach_the_binding_stage_but_not_its_own_rate_cap_or_schedule(tmp_path):
+    binding = tmp_path / "binding.json"
+    binding.write_text(json.dumps([{}] * 40))
+    config = DemoConfig(minutes=30, config=tiny_run(tmp_path), binding_steps=200,
+                        overrides=["optim.max_steps=700", "optim.lr=1e-4", "optim.schedule=linear",
+                                   "optim.fit_to_minutes=true", "seed=3", "adapter.r=16"])
+    info = {"binding": str(binding), "binding_config": str(tmp_path / "binding.yaml")}
+    stage = RunConfig.from_yaml(config.run_config, _binding_overrides(config, info, str(tmp_path / "stage")))
+    assert (stage.optim.max_steps, stage.optim.lr, stage.optim.schedule) == (200, BINDING_LR, "constant")
+    assert stage.optim.max_minutes == 10 and not stage.optim.fit_to_minutes and stage.val_samples == 10
+    assert stage.seed == 3 and stage.adapter.r == 16 and stage.data.endswith("binding.yaml")
