@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -325,6 +326,27 @@ def test_fit_to_minutes_ends_a_time_bounded_run_with_its_decay_done_and_resume_k
     assert lrs[-1] < 0.03 * 1e-2 if result.finished else lrs[-1] < 0.1 * 1e-2
     again = train(RunConfig.from_dict(run.to_dict(), overrides=["optim.max_minutes=5"]), resume="auto")
     assert again.total_steps == result.total_steps and again.finished  # the fitted length, not 5000
+
+
+def test_saves_after_the_fit_shorten_the_schedule_again_so_the_run_still_ends_its_decay(tmp_path, caplog,
+                                                                                         monkeypatch):
+    # the first fit (after 10 steps) has seen no save; each save after it costs 0.4 s here, which
+    # raises the sitting's seconds per step past the fit's 5% margin, so the schedule is refitted
+    from mm_teamlora.train import checkpoint
+
+    save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda *a, **k: (time.sleep(0.4), save(*a, **k))[1])
+    run = run_config(tmp_path, optim={"max_steps": 5000, "max_minutes": 0.15, "fit_to_minutes": True,
+                                      "warmup_ratio": 0.001, "grad_accum": 1}, save_steps=15)
+    with caplog.at_level("INFO", logger="mm_teamlora.train.run"):
+        result = train(run)
+    fits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit_to_minutes: the schedule now")]
+    assert "(planned 5000)" in fits[0] and len(fits) >= 2 and all("(was " in f for f in fits[1:])
+    ends = [int(f.split("ends at step ")[1].split()[0]) for f in fits]
+    assert ends == sorted(ends, reverse=True) and ends[-1] == result.total_steps  # refits only shorten
+    lrs = [r["lr"]["adapters"] for r in read_metrics(os.path.join(run.output_dir, "metrics.jsonl")) if "lr" in r]
+    assert lrs[-1] < 0.03 * 1e-2 if result.finished else lrs[-1] < 0.1 * 1e-2
+    MultimodalLM.from_pretrained(result.checkpoint)  # the slowed saves are whole
 
 
 def test_stop_at_val_loss_ends_the_run_finished_at_the_first_validation_that_reaches_it(tmp_path):

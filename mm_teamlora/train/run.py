@@ -198,7 +198,10 @@ def _val_batches(view, collator, run: RunConfig, rank: int, world: int):
 def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, source_names, log, group_names_,
            step: int, total: int, rank: int, world: int, state: dict, cache, scheduler) -> RunResult:
     gas, o = run.optim.grad_accum, run.optim
+    # The first fit comes after the warm-up; in the sitting that made it, each save or validation after
+    # it may shorten the schedule again (never lengthen it), as its cost joins the seconds per step.
     fit_pending = o.fit_to_minutes and not scheduler.lr_lambdas[0].fitted
+    fitted_here = refit_due = False
     first_step, first_done = step, None
     kill_at = int(os.environ.get(KILL_AT_STEP, "0"))
     batches = iter(stream)
@@ -221,15 +224,18 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
             elapsed = now - started
             first_done = first_done or now
             fitted = _fitted_total(o, scheduler, step, total, elapsed, now - first_done, step - first_step - 1) \
-                if fit_pending else 0
+                if fit_pending or refit_due else 0
+            if refit_due and fitted >= total:
+                fitted = 0
             stats.flags = [float(o.max_minutes is not None and elapsed >= o.max_minutes * 60),
                            float(run.save_minutes is not None and now - last_save >= run.save_minutes * 60),
                            float(fitted)]
         stats = stats.reduce(len(source_names))
         stopped = bool(stats.flags[0])
         if stats.flags[2] > 0:
-            fit_pending = False
+            fit_pending, fitted_here = False, True
             total = _fit_schedule(scheduler, int(stats.flags[2]), total, rank, bar)
+        refit_due = False
         if cache is not None:
             _count_cache(cached, stats, micro[-1]["epoch"], step, rank)
         seconds = timer.lap()
@@ -253,6 +259,7 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
         last = step == total or stopped
         if val_view is not None and ((run.eval_steps and step % run.eval_steps == 0) or last):
             val_loss = _validate(run, engine, val_view, collator, source_names, log, step, rank, world, cache)
+            refit_due = fitted_here
             reached = run.stop_at_val_loss is not None and val_loss <= run.stop_at_val_loss
             if reached and rank == 0:
                 logger.info("step %d: validation loss %.4f <= stop_at_val_loss %g: the run ends here", step,
@@ -267,6 +274,7 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
                              "sitting_seconds": round(time.perf_counter() - started, 2)}
             folder = checkpoint.save(engine, engine.module, run.output_dir, step, trainer_state, run.save_total_limit)
             last_save = time.perf_counter()
+            refit_due = fitted_here
             if rank == 0:
                 atomic_write_text(os.path.join(run.output_dir, RUN_STATE), json.dumps(
                     {"finished": finished, "stopped_by": stopped_by, "step": step, "total_steps": total,
@@ -305,6 +313,7 @@ def _fit_schedule(scheduler, fitted: int, total: int, rank: int, bar) -> int:
         if rank == 0:
             logger.info("fit_to_minutes: the planned %d steps fit in max_minutes; the schedule is unchanged", total)
         return total
+    was = schedule.total
     schedule.fit(fitted)
     factor = schedule(scheduler.last_epoch)
     for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
@@ -312,8 +321,8 @@ def _fit_schedule(scheduler, fitted: int, total: int, rank: int, bar) -> int:
     if rank == 0:
         bar.total = fitted
         bar.refresh()
-        logger.info("fit_to_minutes: the schedule now ends at step %d (planned %d): what fits in max_minutes at "
-                    "this sitting's speed", fitted, total)
+        logger.info("fit_to_minutes: the schedule now ends at step %d (%s %d): what fits in max_minutes at "
+                    "this sitting's speed", fitted, "planned" if was == schedule.planned else "was", was)
     return fitted
 
 
