@@ -104,8 +104,9 @@ class OptimConfig:
     after the warm-up (and at least train.run.FIT_AFTER_STEPS steps) rank 0 measures this sitting's seconds per
     step, validation and saving included, and shortens the schedule to the steps that fit in what is
     left of `max_minutes` (x FIT_MARGIN; never longer than planned), so a time-bounded run ends with
-    its decay done instead of being cut in the middle of it; the fitted length is saved with the
-    checkpoint. One optimizer step = `grad_accum` micro-batches of `micro_batch_size` on
+    its decay done instead of being cut in the middle of it. After each later save or validation of
+    that sitting it measures again and may shorten the schedule further (never lengthen it). The
+    fitted length is saved with the checkpoint. One optimizer step = `grad_accum` micro-batches of `micro_batch_size` on
     every rank: global batch = micro_batch_size x grad_accum x ranks."""
 
     lr: float = 2e-4
