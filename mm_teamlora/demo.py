@@ -33,7 +33,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS_DIR = os.path.join(REPO_ROOT, "data_configs", "runs")
 METHODS = ("teamlora", "lora", "moelora", "hydralora")
 ROUTED = ("teamlora", "moelora", "hydralora")
-DEFAULT_MINUTES = 60.0  # what the bar took on 2 CPU cores at ~107 tokens/s; 45 did not (docs/RESULTS.md)
+DEFAULT_MINUTES = 60.0  # what the bar took on 2 CPU cores (~107 tokens/s); 45 did not, fitted or not
 BINDING_STEPS = 200  # the binding stage's cap; probes at BINDING_LR bound in 70 and 100 steps of 8 (docs/RESULTS.md)
 # The stage's constant rate: at the main stage's 1e-3 the binding set in by step 40 and then came apart
 # (training loss spikes to 7.5, held-out loss back to 1.1); at 5e-4 it set in and stayed (two seeds).
