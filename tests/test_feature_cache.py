@@ -88,8 +88,12 @@ def test_cached_features_give_the_uncached_loss_and_gradients_and_skip_the_tower
     assert tower.calls[-1] == 1 and out.tower_features.shape[0] == 1
     cache.store(lookup, out.tower_features)
     torch.testing.assert_close(out.loss_sum, uncached.loss_sum, rtol=1e-6, atol=0)  # the tower on 1 image, not 3
+    # The tower on 1 image and on 3 rounds differently (~2e-7), and this random model's gradients
+    # amplify that ~1000x (the same happens with no cache at all), so they agree to 1e-3 of each
+    # tensor's largest entry (images in the wrong order: off by more than that entry).
     for n in grads:
-        torch.testing.assert_close(grads[n], uncached_grads[n], rtol=1e-5, atol=1e-7)
+        scale = float(uncached_grads[n].abs().max())
+        torch.testing.assert_close(grads[n], uncached_grads[n], rtol=0, atol=1e-3 * scale + 1e-7)
     assert cache.lookup(mixed["pixel_values"]).missing == []
 
 
