@@ -106,8 +106,8 @@ class OptimConfig:
     left of `max_minutes` (x FIT_MARGIN; never longer than planned), so a time-bounded run ends with
     its decay done instead of being cut in the middle of it. After each later save or validation of
     that sitting it measures again and may shorten the schedule further (never lengthen it). The
-    fitted length is saved with the checkpoint. One optimizer step = `grad_accum` micro-batches of `micro_batch_size` on
-    every rank: global batch = micro_batch_size x grad_accum x ranks."""
+    fitted length is saved with the checkpoint. One optimizer step = `grad_accum` micro-batches of
+    `micro_batch_size` on every rank: global batch = micro_batch_size x grad_accum x ranks."""
 
     lr: float = 2e-4
     projector_lr: float | None = None  # None: the same as lr

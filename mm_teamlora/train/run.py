@@ -200,8 +200,8 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
     gas, o = run.optim.grad_accum, run.optim
     # The first fit comes after the warm-up; in the sitting that made it, each save or validation after
     # it may shorten the schedule again (never lengthen it), as its cost joins the seconds per step.
-    fit_pending = o.fit_to_minutes and not scheduler.lr_lambdas[0].fitted
-    fitted_here = refit_due = False
+    fitting = o.fit_to_minutes and not scheduler.lr_lambdas[0].fitted  # this sitting fits the schedule
+    fit_pending, refit_due = fitting, False
     first_step, first_done = step, None
     kill_at = int(os.environ.get(KILL_AT_STEP, "0"))
     batches = iter(stream)
@@ -233,7 +233,7 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
         stats = stats.reduce(len(source_names))
         stopped = bool(stats.flags[0])
         if stats.flags[2] > 0:
-            fit_pending, fitted_here = False, True
+            fit_pending = False
             total = _fit_schedule(scheduler, int(stats.flags[2]), total, rank, bar)
         refit_due = False
         if cache is not None:
@@ -259,7 +259,7 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
         last = step == total or stopped
         if val_view is not None and ((run.eval_steps and step % run.eval_steps == 0) or last):
             val_loss = _validate(run, engine, val_view, collator, source_names, log, step, rank, world, cache)
-            refit_due = fitted_here
+            refit_due = fitting and not fit_pending
             reached = run.stop_at_val_loss is not None and val_loss <= run.stop_at_val_loss
             if reached and rank == 0:
                 logger.info("step %d: validation loss %.4f <= stop_at_val_loss %g: the run ends here", step,
@@ -274,7 +274,7 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
                              "sitting_seconds": round(time.perf_counter() - started, 2)}
             folder = checkpoint.save(engine, engine.module, run.output_dir, step, trainer_state, run.save_total_limit)
             last_save = time.perf_counter()
-            refit_due = fitted_here
+            refit_due = fitting and not fit_pending
             if rank == 0:
                 atomic_write_text(os.path.join(run.output_dir, RUN_STATE), json.dumps(
                     {"finished": finished, "stopped_by": stopped_by, "step": step, "total_steps": total,
