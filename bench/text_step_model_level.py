@@ -2,9 +2,10 @@
 DeepSpeed, no training loop. On the same text-only records (runs/demo-data/binding.yaml), micro-batch 4,
 our collator's padding: forward + backward of
 
-    ours       the training model (`train.engine.build_model`, LoRA r66) with supervised-only logits
+    ours       the training model (`train.engine.build_model`, LoRA at TeamLoRA's trainable parameters,
+               r66, as bench/train_throughput.py) with supervised-only logits
     ours_full  the same with the LM head at every position (`all_logits`)
-    peer       peft LoRA (r66, all-linear, the same alpha and dropout) on the bare language model, labels
+    peer       peft LoRA (the same rank, all-linear, alpha and dropout) on the bare language model, labels
 
 Interleaved repeats, medians; tokens/s counts non-padding tokens. If `ours` is faster here than the
 peer while `bench/train_throughput.py` finds it slower, the difference is in the training loop or
@@ -22,9 +23,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE_RUN = os.path.join(ROOT, "data_configs/runs/demo_teamlora.yaml")
-TEXT_DATA = os.path.join(ROOT, "runs/demo-data/binding.yaml")
+from train_throughput import BASE_RUN, TEXT_DATA  # the throughput bench's run and text-only records
 
 
 def main() -> None:
@@ -35,15 +34,18 @@ def main() -> None:
 
     from peft import LoraConfig, get_peft_model
 
+    from mm_teamlora.adapters.matching import layer_shapes, matching_rank
     from mm_teamlora.data import DataCollator, build_dataset
     from mm_teamlora.model import zoo
     from mm_teamlora.train import RunConfig
     from mm_teamlora.train.engine import build_model, model_config
 
     torch.manual_seed(0)
-    run = RunConfig.from_yaml(BASE_RUN, [f"data={TEXT_DATA}", "adapter.method=lora", "adapter.r=66"])
+    base = RunConfig.from_yaml(BASE_RUN, [f"data={TEXT_DATA}"])
+    lm, _ = zoo.preset_language_model(model_config(base)[0].lm_path, torch.float32)
+    r = matching_rank(layer_shapes(lm, base.adapter), base.adapter, "lora")
+    run = RunConfig.from_yaml(BASE_RUN, [f"data={TEXT_DATA}", "adapter.method=lora", f"adapter.r={r}"])
     ours = build_model(run).train()
-    lm, _ = zoo.preset_language_model(model_config(run)[0].lm_path, torch.float32)
     a = run.adapter
     peer = get_peft_model(lm, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
                                          target_modules="all-linear", task_type="CAUSAL_LM")).train()
@@ -73,7 +75,7 @@ def main() -> None:
             ours.zero_grad(set_to_none=True)
             peer.zero_grad(set_to_none=True)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    print(f"{len(batches)} batches, {tokens} tokens, {torch.get_num_threads()} threads")
+    print(f"LoRA r{r}; {len(batches)} batches, {tokens} tokens, {torch.get_num_threads()} threads")
     tps = {name: tokens / statistics.median(t) for name, t in times.items()}
     for name, value in tps.items():
         print(f"{name:<10} {value:8.1f} tokens/s")
