@@ -9,18 +9,24 @@ position's logits, then the kept ones) and
 `no-cache` (`feature_cache: false`; with it, an unmeasured run of the same steps stores the features first).
 Peer: `transformers.Trainer` + peft LoRA (all-linear, our LoRA's rank), the DeepSpeed config our engine
 builds, the same LM and text-only records (runs/demo-data/binding.yaml through our data code), micro-batch
-4, our collator's right padding, `group_by_length`; ours runs the same records. Asserted: the peer's ranks
-train on different records at every step, and both sides on the same global batch.
+4, our collator's right padding. Both sides train on identical batches: the peer's loader yields, on each
+rank, the batches our sampler plans for that rank (modality- and length-grouped, as its own
+`group_by_length` would be, but the same ones), so a difference in tokens/s is the step's cost, not the
+batches' lengths (long batches run faster per token). Asserted: the peer's ranks train on different
+records at every step, both sides on the same global batch, and every rank's step holds the same
+non-padding tokens on both sides.
 
-tokens/s is the project's (non-padding LM tokens, image tokens included, summed over ranks, per second of
-training wall time) over the steps after --warmup; peak memory is each rank's peak RSS. Achieved FLOP/s,
+tokens/s is the project's (non-padding LM tokens, image tokens included, summed over ranks) over the
+steps after --warmup, per second of rank 0's wall clock from the end of the last warm-up step to the end
+of the last step: on both sides everything between optimizer steps counts (data, logging at the run
+YAML's `log_steps` with its routing record, collectives). Peak memory is each rank's peak RSS. Achieved FLOP/s,
 matmul weights only (no attention scores, tower or projector), T non-padding tokens:
     4 P_frozen T + 4 P_head T_head + 6 P_adapter T
 (2 P T forward + 2 P T input gradients through frozen layers; T_head = supervised positions with
 logits_to_keep, T without; adapters add weight gradients, P_adapter = matching.parameter_count), as a
 fraction of this machine's fp32 GEMM FLOP/s (2048^3 torch.mm on every core, best of start and end).
 
-    .venv/bin/python bench/train_throughput.py [--steps 15] [--warmup 5] [--methods ...] [--quick]
+    .venv/bin/python bench/train_throughput.py [--steps 25] [--warmup 3] [--methods ...] [--quick]
 """
 
 from __future__ import annotations
@@ -53,9 +59,10 @@ def _rank_ours(spec: dict) -> tuple[int, dict]:
 
     steps, inner = [], run_module.train_step
 
-    def counted(*args, **kwargs):  # this rank's tokens and supervised tokens of every step
+    def counted(*args, **kwargs):  # this rank's tokens, supervised tokens and cache use, and when the step ended
         stats, routing = inner(*args, **kwargs)
-        steps.append([stats.tokens, stats.supervised])
+        steps.append({"end": time.perf_counter(), "tokens": stats.tokens, "supervised": stats.supervised,
+                      "hits": stats.cache_hits, "misses": stats.cache_misses})
         return stats, routing
 
     run_module.train_step = counted
@@ -67,9 +74,10 @@ def _rank_peer(spec: dict) -> tuple[int, dict]:
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from mm_teamlora.data import DataCollator, build_dataset
+    from mm_teamlora.data import DataCollator, GroupedBatchSampler, build_dataset
     from mm_teamlora.model import zoo
     from mm_teamlora.train import RunConfig
+    from mm_teamlora.train.data import split_validation
     from mm_teamlora.train.engine import deepspeed_config, model_config
 
     run = RunConfig.from_yaml(BASE_RUN, spec["overrides"])
@@ -82,6 +90,12 @@ def _rank_peer(spec: dict) -> tuple[int, dict]:
                                           target_modules="all-linear", task_type="CAUSAL_LM"))
 
     items = [{"input_ids": records[i]["input_ids"], "labels": records[i]["labels"], "idx": i} for i in range(len(records))]
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    # our run's batches for this rank (train.run: val_samples=0 keeps every record, in order)
+    train_view, _ = split_validation(records, run.val_samples, run.seed)
+    assert len(train_view) == len(records), "the bench runs without held-out records"
+    plan = GroupedBatchSampler.from_dataset(train_view, batch_size=o.micro_batch_size, num_replicas=world, rank=rank,
+                                            seed=run.seed)
 
     def collator(items):
         batch = collate(items)
@@ -91,6 +105,9 @@ def _rank_peer(spec: dict) -> tuple[int, dict]:
     micro, steps = [], []
 
     class Peer(transformers.Trainer):
+        def get_train_dataloader(self):  # this rank's batches of our plan, as they are (no re-sharding)
+            return torch.utils.data.DataLoader(items, batch_sampler=plan, collate_fn=collator)
+
         def training_step(self, model, inputs, *args, **kwargs):
             micro.append([int(inputs["attention_mask"].sum()), inputs.pop("idx").tolist()])
             return super().training_step(model, inputs, *args, **kwargs)
@@ -107,12 +124,11 @@ def _rank_peer(spec: dict) -> tuple[int, dict]:
     from accelerate import PartialState
 
     PartialState(backend="gloo")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     args = transformers.TrainingArguments(
         output_dir=spec["out"], per_device_train_batch_size=o.micro_batch_size, gradient_accumulation_steps=o.grad_accum,
         max_steps=spec["max_steps"], learning_rate=o.lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0],
         adam_beta2=o.betas[1], adam_epsilon=o.eps, max_grad_norm=o.max_grad_norm or 0.0, lr_scheduler_type=o.schedule,
-        warmup_steps=math.ceil(o.warmup_ratio * spec["max_steps"]), train_sampling_strategy="group_by_length",
+        warmup_steps=math.ceil(o.warmup_ratio * spec["max_steps"]),
         deepspeed=deepspeed_config(run, world, lm.get_input_embeddings().weight.shape[1]), ddp_backend="gloo",
         save_strategy="no", eval_strategy="no", logging_steps=10**6, report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, remove_unused_columns=False, seed=run.seed,
@@ -176,24 +192,20 @@ def launch(name: str, spec: dict) -> tuple[str, list[dict]]:
     return out, reports
 
 
-def ours_figures(out: str, reports: list[dict], warmup: int) -> dict:
-    from mm_teamlora.train.metrics import read_metrics
+def clocked(reports: list[dict], warmup: int) -> dict:
+    """Tokens (non-padding, all ranks) of the steps after `warmup` and the seconds they took on rank 0's
+    clock, from the end of step `warmup` to the end of the last: the same measure on both sides."""
+    clock = reports[0]["steps"]
+    return {"tokens": sum(s["tokens"] for r in reports for s in r["steps"][warmup:]),
+            "seconds": clock[-1]["end"] - clock[warmup - 1]["end"], "peak": [r["peak_rss_mb"] for r in reports],
+            "rank_tokens": [[s["tokens"] for s in r["steps"]] for r in reports]}
 
-    records = [r for r in read_metrics(os.path.join(out, "train", "metrics.jsonl")) if r.get("split") != "val"]
-    per_step = [[sum(v) for v in zip(*column)] for column in zip(*[r["steps"] for r in reports])]
-    tokens = supervised = seconds = hits = misses = 0
-    previous = warmup
-    for record in (r for r in records if r["step"] > warmup):
-        window = per_step[previous:record["step"]]
-        assert per_step[record["step"] - 1][0] == sum(record["tokens_by_group"].values()), "token counts disagree"
-        tokens += sum(w[0] for w in window)
-        supervised += sum(w[1] for w in window)
-        seconds += sum(w[0] for w in window) / record["tokens_per_s"]
-        hits += record.get("feature_cache", {}).get("hits", 0)
-        misses += record.get("feature_cache", {}).get("misses", 0)
-        previous = record["step"]
-    return {"tokens": tokens, "supervised": supervised, "seconds": seconds,
-            "cache": f"{hits}/{hits + misses}" if hits + misses else "-", "peak": [r["peak_rss_mb"] for r in reports]}
+
+def ours_figures(reports: list[dict], warmup: int) -> dict:
+    measured = [s for r in reports for s in r["steps"][warmup:]]
+    hits, misses = sum(s["hits"] for s in measured), sum(s["misses"] for s in measured)
+    return {**clocked(reports, warmup), "supervised": sum(s["supervised"] for s in measured),
+            "cache": f"{hits}/{hits + misses}" if hits + misses else "-"}
 
 
 def peer_figures(reports: list[dict], warmup: int, global_batch: int) -> dict:
@@ -201,10 +213,15 @@ def peer_figures(reports: list[dict], warmup: int, global_batch: int) -> dict:
         assert r["world"] == NPROC, f"peer rank {r['rank']} ran in a world of {r['world']}, not {NPROC}"
         assert r["global_batch"] == global_batch, f"peer global batch {r['global_batch']}, ours {global_batch}"
     check_peer_batches([[s["idx"] for s in r["steps"]] for r in reports], global_batch)
-    clock = reports[0]["steps"]
-    tokens = sum(s["tokens"] for r in reports for s in r["steps"][warmup:])
-    return {"tokens": tokens, "supervised": tokens, "seconds": clock[-1]["end"] - clock[warmup - 1]["end"],
-            "cache": "-", "peak": [r["peak_rss_mb"] for r in reports]}
+    figures = clocked(reports, warmup)
+    return {**figures, "supervised": figures["tokens"], "cache": "-"}
+
+
+def check_same_batches(ours: dict, peer: dict, name: str) -> None:
+    """Every rank's every step holds the same non-padding tokens on both sides (`rank_tokens[rank][step]`)."""
+    if ours["rank_tokens"] != peer["rank_tokens"]:
+        raise AssertionError(f"{name} and the peer trained on different batches (tokens per rank and step: "
+                             f"{ours['rank_tokens']} vs {peer['rank_tokens']})")
 
 
 def gemm_flops(n: int = 2048, seconds: float = 3.0) -> float:
@@ -247,20 +264,20 @@ def shapes_and_ranks():
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=15, help="measured optimizer steps per run (a multiple of --warmup)")
-    parser.add_argument("--warmup", type=int, default=5, help="steps before measuring (also the logging window)")
+    parser.add_argument("--steps", type=int, default=25, help="measured optimizer steps per run")
+    parser.add_argument("--warmup", type=int, default=3, help="steps before measuring")
     parser.add_argument("--methods", nargs="+", default=[*METHODS, "peer"], choices=[*METHODS, "peer"])
-    parser.add_argument("--quick", action="store_true", help="both levers only (no lever ablation), warm-up 1 step")
+    parser.add_argument("--quick", action="store_true", help="both levers only (no lever ablation)")
     args = parser.parse_args()
-    warmup = 1 if args.quick else args.warmup
-    steps = math.ceil(args.steps / warmup) * warmup
+    warmup = args.warmup
+    steps = args.steps
     total = warmup + steps
     levers = ["both"] if args.quick else list(LEVERS)
     os.makedirs(OUT, exist_ok=True)
     p_frozen, p_head, ranks, global_batch, image_tokens = shapes_and_ranks()
     gemm = [gemm_flops()]
     common = ["val_samples=0", "eval_steps=0", "save_minutes=null", "save_steps=0", "tensorboard=false",
-              f"log_steps={warmup}", f"optim.max_steps={total}", "optim.max_minutes=null"]
+              f"optim.max_steps={total}", "optim.max_minutes=null"]  # logging as the run YAML has it
     cache_dir = os.path.join(OUT, "feature-cache")
     shutil.rmtree(cache_dir, ignore_errors=True)
 
@@ -271,8 +288,8 @@ def main() -> None:
                      f"adapter.implementation={implementation}", f"feature_cache={cache_dir if cache else 'false'}",
                      f"supervised_logits={'true' if logits else 'false'}",
                      f"output_dir={os.path.join(OUT, name, 'train')}", *([f"data={data}"] if data else [])]
-        out, reports = launch(name, {"kind": "ours", "overrides": overrides})
-        figures = ours_figures(out, reports, warmup)
+        _, reports = launch(name, {"kind": "ours", "overrides": overrides})
+        figures = ours_figures(reports, warmup)
         head_tokens = figures["supervised"] if logits else figures["tokens"]
         figures["flops"] = 4 * p_frozen * figures["tokens"] + 4 * p_head * head_tokens + 6 * ranks[method][1] * figures["tokens"]
         return figures
@@ -296,6 +313,9 @@ def main() -> None:
         figures = peer_figures(reports, warmup, global_batch)
         figures["flops"] = (4 * p_frozen + 4 * p_head + 6 * ranks["lora"][1]) * figures["tokens"]
         rows[("peer", "both", "text")] = figures
+        for key in ("lora", "teamlora"):
+            if (key, "both", "text") in rows:
+                check_same_batches(rows[key, "both", "text"], figures, key)
     gemm.append(gemm_flops())
     peak_gemm = max(gemm)
 

@@ -18,8 +18,8 @@ from mm_teamlora.model import MultimodalLM
 from mm_teamlora.train import RunConfig, RunConfigError, train
 from mm_teamlora.train.checkpoint import checkpoints, latest
 from mm_teamlora.train.data import collate_with_names
-from mm_teamlora.train.engine import (Schedule, build_model, deepspeed_config, init_distributed, initialize,
-                                     parameter_groups)
+from mm_teamlora.train.engine import (Schedule, build_model, build_optimizer, deepspeed_config, init_distributed,
+                                     initialize, parameter_groups)
 from mm_teamlora.train.loop import train_step
 from mm_teamlora.train.metrics import read_metrics
 
@@ -152,6 +152,28 @@ def test_parameter_groups_keep_decay_off_routers_interactions_biases_and_norms(t
     assert members["projector_no_decay"] == {"bias"} and groups["projector_no_decay"]["weight_decay"] == 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == trainable
+
+
+def test_the_fused_optimizer_makes_the_reference_adamw_update_in_every_group(tmp_path):
+    run = run_config(tmp_path, adapter={"group_routing": True}, optim={"weight_decay": 0.1, "projector_lr": 3e-3})
+    model = build_model(run)
+    optimizer, _ = build_optimizer(model, run, total_steps=10)
+    assert all(g["fused"] for g in optimizer.param_groups)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    reference = torch.optim.AdamW([{**g, "params": [p.detach().clone().requires_grad_() for p in g["params"]],
+                                    "fused": False, "foreach": False} for g in optimizer.param_groups])
+    twins = [p for g in reference.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in params]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+    assert not any(torch.equal(p, b) for p, b in zip(params, before))  # every tensor moved
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_matching_rank_gives_lora_and_hydralora_the_routed_methods_count():
