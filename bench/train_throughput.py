@@ -269,8 +269,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=[*METHODS, "peer"], choices=[*METHODS, "peer"])
     parser.add_argument("--quick", action="store_true", help="both levers only (no lever ablation)")
     args = parser.parse_args()
-    warmup = args.warmup
-    steps = args.steps
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1: the clock starts at the end of the last warm-up step")
+    warmup, steps = args.warmup, args.steps
     total = warmup + steps
     levers = ["both"] if args.quick else list(LEVERS)
     os.makedirs(OUT, exist_ok=True)
