@@ -158,27 +158,43 @@ def _train(config: DemoConfig, overrides: list[str], run_dir: str) -> str:
     return checkpoint
 
 
-def _binding_overrides(config: DemoConfig, info: dict, stage_dir: str) -> list[str]:
-    """The binding stage: at a constant rate (binding sets in suddenly, and a decaying rate delays
-    it), until the held-out binding questions are answered, capped by `binding_steps` and by a
-    third of --minutes (so a short demo still trains on the pictures). The user's overrides come
-    first, so they reach the stage's model, adapter and seed but not the stage's own data, rate,
-    schedule, cap, minutes or stop rule (`--binding-steps` sets the cap)."""
-    with open(info["binding"], encoding="utf-8") as f:
-        held_out = min(BINDING_VAL, len(json.load(f)) // 4)
+def binding_held_out(records_json: str) -> int:
+    """Binding records to hold out for the stage's stop rule: BINDING_VAL, or a quarter of a small set."""
+    with open(records_json, encoding="utf-8") as f:
+        return min(BINDING_VAL, len(json.load(f)) // 4)
+
+
+def binding_stage_overrides(data_config: str, held_out: int, max_steps: int, output_dir: str,
+                            max_minutes: float | None = None) -> list[str]:
+    """The binding stage's own run-config overrides, to follow the caller's (model, adapter, seed):
+    the binding mixture `data_config` at a constant BINDING_LR (binding sets in suddenly, and a
+    decaying rate delays it), until the answer loss on `held_out` binding records falls to
+    BINDING_TARGET (checked every BINDING_EVAL_STEPS steps; no held-out records: no stop rule),
+    capped by `max_steps` and by `max_minutes` (None: steps only). Saved once, at its end."""
     stop = [f"val_samples={held_out}", f"eval_steps={BINDING_EVAL_STEPS}", f"stop_at_val_loss={BINDING_TARGET}"]
-    return [*config.overrides, f"data={info['binding_config']}", f"optim.max_steps={config.binding_steps}",
-            "optim.schedule=constant", f"optim.lr={BINDING_LR:g}", f"optim.max_minutes={config.minutes / 3:g}",
-            "optim.fit_to_minutes=false", f"output_dir={stage_dir}", "save_minutes=null",
+    return [f"data={data_config}", f"optim.max_steps={max_steps}", "optim.schedule=constant",
+            f"optim.lr={BINDING_LR:g}", f"optim.max_minutes={'null' if max_minutes is None else f'{max_minutes:g}'}",
+            "optim.fit_to_minutes=false", f"output_dir={output_dir}", "save_minutes=null",
             *(stop if held_out else ["val_samples=0"])]
 
 
-def _binding_result(stage_dir: str, checkpoint: str) -> dict:
-    from .train.checkpoint import read_state
+def _binding_overrides(config: DemoConfig, info: dict, stage_dir: str) -> list[str]:
+    """The demo's binding stage, capped by `binding_steps` and by a third of --minutes (so a short
+    demo still trains on the pictures). The user's overrides come first, so they reach the stage's
+    model, adapter and seed but not the stage's own data, rate, schedule, cap, minutes or stop rule
+    (`--binding-steps` sets the cap)."""
+    return [*config.overrides, *binding_stage_overrides(info["binding_config"], binding_held_out(info["binding"]),
+                                                        config.binding_steps, stage_dir, config.minutes / 3)]
+
+
+def binding_result(stage_dir: str) -> dict:
+    """What a finished binding stage in `stage_dir` did: its steps, held-out loss, the target, whether
+    it reached it (rather than its cap), and its training loop's seconds."""
+    from .train.checkpoint import latest, read_state
 
     with open(os.path.join(stage_dir, "run_state.json"), encoding="utf-8") as f:
         run_state = json.load(f)
-    state = read_state(checkpoint)
+    state = read_state(latest(stage_dir))
     return {"steps": state["step"], "val_loss": state.get("val_loss"), "target": BINDING_TARGET,
             "reached": state.get("stopped_by") == "stop_at_val_loss", "seconds": run_state.get("sitting_seconds", 0.0)}
 
@@ -220,7 +236,7 @@ def run_demo(config: DemoConfig) -> DemoResult:
         with _phase(result, "binding stage"):
             stage_dir = f"{run_dir}-binding"
             start = _train(config, _binding_overrides(config, info, stage_dir), stage_dir)
-            result.binding = _binding_result(stage_dir, start)
+            result.binding = binding_result(stage_dir)
             stage_seconds = result.binding["seconds"]
             result.paths["binding_stage"] = start
         # --minutes bounds training time, both stages together (start-up and saving aside)

@@ -66,7 +66,9 @@ def test_compare_config_round_trips_and_names_bad_keys(tmp_path):
                                (["masking_experts=1.5"], r"masking_experts: must be an integer >= 1, got 1.5"),
                                (["masking_seed=-1"], r"masking_seed: must be an integer >= 0, got -1"),
                                (["masking_draws=0"], r"masking_draws: must be an integer >= 1, got 0"),
-                               (["masking_draws=true"], r"masking_draws: must be an integer >= 1, got True")):
+                               (["masking_draws=true"], r"masking_draws: must be an integer >= 1, got True"),
+                               (["binding_steps=-1"], r"binding_steps: must be an integer >= 0, got -1"),
+                               (["binding_steps=5"], "binding_steps: the binding stage trains on binding_data")):
         with pytest.raises(CompareConfigError, match=message):
             CompareConfig.from_yaml(str(path), overrides)
     with pytest.raises(CompareConfigError, match="give the eval TSV"):
@@ -201,6 +203,9 @@ def test_the_checked_in_short_form_reads():
     assert sorted(config.methods) == ["hydralora", "lora", "moelora", "teamlora"]
     assert config.base_run == os.path.join(REPO, "data_configs", "runs", "demo_teamlora.yaml")
     assert "optim.max_steps=390" in config.run_overrides  # its own step count, not the demo's 700-step cap
+    # every method starts from its own binding stage, as the main job's run does, on the demo's binding data
+    assert config.binding_steps == 200 and config.binding_path == os.path.join(REPO, "runs", "demo-data",
+                                                                                "binding.yaml")
 
 
 def test_two_methods_one_seed_end_to_end_then_a_rerun_trains_nothing(tmp_path, demo_data, monkeypatch):
@@ -314,6 +319,45 @@ def test_an_unfinished_run_resumes_and_an_empty_one_restarts(tmp_path, demo_data
     assert result.trained == ["lora-a1-s0"] and result.summary["methods"]["lora"]["steps"] == [2]
     sittings = json.load(open(os.path.join(config.out, "runs", "lora-a1-s0", "sittings.json")))
     assert [s["resumed"] for s in sittings] == [False, True]
+
+
+def test_each_run_trains_from_its_own_binding_stage(tmp_path, monkeypatch):
+    """With binding_steps, each run first trains its binding stage (the demo's: binding data, constant
+    rate, stop rule; the run's own adapter and seed, no time budget), then its steps from that
+    stage's checkpoint; the report says what each stage did; other binding settings are refused."""
+    from mm_teamlora.demo import BINDING_LR, BINDING_TARGET
+
+    data_dir = str(tmp_path / "data")
+    build_demo_data(data_dir, train_size=120, eval_size=12, val_size=8, binding_size=24, assets=fake_assets(tmp_path))
+    without = compare_config(tmp_path, str(tmp_path / "no-binding"), binding_steps=2, out=str(tmp_path / "x"))
+    build_demo_data(without.demo_data, train_size=120, eval_size=12, val_size=8, assets=fake_assets(tmp_path))
+    with pytest.raises(CompareConfigError, match="binding.yaml not found; demo data built with --binding-size 0"):
+        run_compare(without)
+
+    config = compare_config(tmp_path, data_dir, binding_steps=2, binding_val=4, eval_limit=2, routing_samples=2)
+    result = run_compare(config)
+    assert result.trained == ["lora-a1-s0", "teamlora-a1-s0"]
+    for name, method in (("lora-a1-s0", "lora"), ("teamlora-a1-s0", "teamlora")):
+        folder = os.path.join(config.out, "runs", name)
+        stage = yaml.safe_load(open(os.path.join(folder, "binding", "run_config.yaml")))
+        main = yaml.safe_load(open(os.path.join(folder, "train", "run_config.yaml")))
+        assert stage["data"] == os.path.join(data_dir, "binding.yaml") and stage["optim"]["lr"] == BINDING_LR
+        assert stage["optim"]["schedule"] == "constant" and stage["optim"]["max_minutes"] is None
+        assert stage["stop_at_val_loss"] == BINDING_TARGET and stage["val_samples"] == 4
+        assert stage["adapter"] == main["adapter"] and stage["adapter"]["method"] == method and stage["seed"] == 0
+        assert main["model"] == os.path.abspath(os.path.join(folder, "binding"))
+        assert main["data"] == os.path.join(data_dir, "demo.yaml") and main["optim"]["max_steps"] == 2
+        sittings = json.load(open(os.path.join(folder, "sittings.json")))
+        assert [(s["stage"], s["step"]) for s in sittings] == [("binding", 2), ("train", 2)]
+        binding = result.summary["methods"][method]["binding"]
+        assert binding["steps"]["mean"] == 2 and binding["runs"] == 1 and binding["val_loss"]["mean"] > 0
+    md = open(result.paths["md"]).read()
+    assert "| binding steps |" in md and "| lora | 2 |" in md
+
+    # the binding stage is part of a run's settings: another cap is another run
+    with pytest.raises(CompareError, match="made with other settings"):
+        run_compare(compare_config(tmp_path, data_dir, binding_steps=3, binding_val=4, eval_limit=2,
+                                   routing_samples=2))
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ METHODS = ("lora", "moelora", "hydralora", "teamlora")
 ROUTED = ("moelora", "hydralora", "teamlora")
 ABLATIONS = ("no_competition", "group_routing_off", "group_routing_on", "k2", "k8", "moelora_loop")
 ALPHA_POLICIES = ("gain", "same")
-PATH_KEYS = ("base_run", "eval_data", "val_data", "demo_data")
+PATH_KEYS = ("base_run", "eval_data", "val_data", "demo_data", "binding_data")
 
 
 class CompareError(RuntimeError):
@@ -61,6 +61,9 @@ class CompareConfig:
     masking_seed: int = 0  # seed of its first random-mask draw (the others: seed + 1, ...)
     masking_draws: int = 3  # random-mask draws of its control (1: no spread for the reading to compare with)
     run_overrides: list[str] = field(default_factory=list)  # dotted KEY=VALUE, applied to every run
+    binding_steps: int = 0  # cap of each run's own binding stage before training (0: no such stage)
+    binding_data: str = ""  # its mixture YAML ("": demo_data's binding.yaml)
+    binding_val: int = 64  # binding records held out for its stop rule (0: it runs all binding_steps)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,7 +83,7 @@ class CompareConfig:
         self.seeds = [_int("seeds", s, 0) for s in self.seeds]
         if len(set(self.seeds)) != len(self.seeds):
             _fail("seeds", f"names a seed twice: {self.seeds}")
-        for key in ("eval_data", "val_data", "demo_data", "out"):
+        for key in ("eval_data", "val_data", "demo_data", "binding_data", "out"):
             if not isinstance(getattr(self, key), str):
                 _fail(key, f"must be a path, got {getattr(self, key)!r}")
         if not self.out:
@@ -92,6 +95,11 @@ class CompareConfig:
         self.masking_experts = _int("masking_experts", self.masking_experts, 1)
         self.masking_seed = _int("masking_seed", self.masking_seed, 0)
         self.masking_draws = _int("masking_draws", self.masking_draws, 1)
+        self.binding_steps = _int("binding_steps", self.binding_steps, 0)
+        self.binding_val = _int("binding_val", self.binding_val, 0)
+        if self.binding_steps and not self.binding_data and not self.demo_data:
+            _fail("binding_steps", "the binding stage trains on binding_data: give it (or demo_data, whose "
+                                   "binding.yaml is used)")
         if self.alpha_policy not in ALPHA_POLICIES:
             _fail("alpha_policy", f"must be one of {', '.join(ALPHA_POLICIES)}, got {self.alpha_policy!r}")
         if not isinstance(self.alpha_grid, list):
@@ -167,6 +175,10 @@ class CompareConfig:
     @property
     def eval_path(self) -> str:
         return self.eval_data or os.path.join(self.demo_data, "eval.tsv")
+
+    @property
+    def binding_path(self) -> str:
+        return self.binding_data or (os.path.join(self.demo_data, "binding.yaml") if self.demo_data else "")
 
     @property
     def val_path(self) -> str:

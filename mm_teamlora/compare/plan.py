@@ -32,16 +32,35 @@ class RunSpec:
     adapter_extra: dict = field(default_factory=dict)  # other adapter fields (competition, ...)
     folder: str = ""
 
-    def overrides(self, config: CompareConfig) -> list[str]:
+    def _adapter_and_seed(self, config: CompareConfig) -> list[str]:
         extra = [f"adapter.{k}={json.dumps(v)}" for k, v in sorted(self.adapter_extra.items())]
         return [*config.run_overrides, f"adapter.method={self.method}", f"adapter.r={self.r}",
                 f"adapter.num_experts={self.num_experts}", f"adapter.alpha={self.alpha!r}", *extra,
-                f"seed={self.seed}", f"adapter.seed={self.seed}", "optim.max_minutes=null",
-                f"output_dir={os.path.abspath(os.path.join(self.folder, 'train'))}"]
+                f"seed={self.seed}", f"adapter.seed={self.seed}"]
+
+    def overrides(self, config: CompareConfig) -> list[str]:
+        """The run's overrides of the base run; output_dir last. With a binding stage the run
+        continues from that stage's final checkpoint (its adapters and projector)."""
+        start = [f"model={os.path.abspath(self.binding_dir)}"] if config.binding_steps else []
+        return [*self._adapter_and_seed(config), *start, "optim.max_minutes=null",
+                f"output_dir={os.path.abspath(self.train_dir)}"]
+
+    def binding_overrides(self, config: CompareConfig, data_config: str) -> list[str]:
+        """The run's binding stage (`demo.binding_stage_overrides`: constant rate, stop rule, no
+        time budget): the same model, adapter and seed as the run, on `data_config`."""
+        from ..demo import binding_stage_overrides
+
+        return [*self._adapter_and_seed(config),
+                *binding_stage_overrides(data_config, config.binding_val, config.binding_steps,
+                                         os.path.abspath(self.binding_dir))]
 
     @property
     def train_dir(self) -> str:
         return os.path.join(self.folder, "train")
+
+    @property
+    def binding_dir(self) -> str:
+        return os.path.join(self.folder, "binding")
 
 
 def _run_name(method: str, label: str, multiplier: float, seed: int) -> str:

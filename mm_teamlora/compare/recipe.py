@@ -36,9 +36,12 @@ def run_compare(config: CompareConfig) -> CompareResult:
         from ..demo import ensure_data
 
         ensure_data(config.demo_data)
-    for what, path in (("eval_data", config.eval_path), ("val_data", config.val_path if config.alpha_grid else "")):
+    for what, path in (("eval_data", config.eval_path), ("val_data", config.val_path if config.alpha_grid else ""),
+                       ("binding_data", config.binding_path if config.binding_steps else "")):
         if path and not os.path.isfile(path):
-            raise CompareConfigError(f"compare config: {what}: {path} not found")
+            hint = ("; demo data built with --binding-size 0 have none: rebuild them, or set binding_steps: 0"
+                    if what == "binding_data" and not config.binding_data else "")
+            raise CompareConfigError(f"compare config: {what}: {path} not found{hint}")
     the_plan = plan(config)
     _check_masking(config, the_plan)
     trained: list[str] = []

@@ -104,6 +104,7 @@ def format_markdown(summary: dict) -> str:
               "(all ranks) over that time; "
               "peak memory: rank 0's, as the training metrics record it. Routing: image vs text tokens, mean over "
               "adapted layers, on router probabilities."]
+    lines += binding_lines({**methods, **summary["ablations"]})
     if summary.get("feature_cache"):
         lines += ["", "The vision feature cache was on: the first run to train computed the tower's features of "
                   "the images, later runs read them, so the time and tokens/s ratios favour the runs trained later "
@@ -153,6 +154,24 @@ def format_markdown(summary: dict) -> str:
         lines += ["", "Not yet measured by this command: " + "; ".join(summary["not_done"]) + "."]
     lines.append("")
     return "\n".join(lines)
+
+
+def binding_lines(rows: dict) -> list[str]:
+    """compare.md's lines on the binding stage each run trained first (nothing without one)."""
+    staged = {name: a["binding"] for name, a in rows.items() if a.get("binding")}
+    if not staged:
+        return []
+    target = next(iter(staged.values()))["target"]
+    lines = ["", f"Each run first trained its own binding stage (text-only lettered questions whose hint states the "
+             f"answer, at a constant rate) until the answer loss on held-out binding records fell to {target:g} "
+             "(chance ~0.69) or its cap, then the steps above from that checkpoint; the table's time and tokens/s "
+             "are the main stage's alone.", "",
+             "| run | binding steps | held-out answer loss | reached the target | binding seconds |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for name, b in staged.items():
+        lines.append(f"| {name} | {pm(b['steps'], 1.0, 0)} | {pm(b['val_loss'], 1.0, 3)} | {b['reached']} of "
+                     f"{b['runs']} | {pm(b['seconds'], 1.0, 0)} |")
+    return lines
 
 
 def signed(stat: dict, digits: int = 3) -> str:

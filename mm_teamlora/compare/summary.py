@@ -87,9 +87,21 @@ def _aggregate(label: str, rows: list[dict], entry: dict) -> dict:
             "train_seconds": mean_std([r["training"]["train_seconds"] for r in rows]),
             "peak_mem_mb": mean_std([r["training"]["peak_mem_mb"] for r in rows]),
             "steps": sorted({r["training"]["total_steps"] for r in rows}),
+            "binding": _binding_means(rows),
             "routing_js_bits": mean_std([(r["routing"] or {}).get("js_bits") for r in rows]),
             "routing_mi_soft_bits": mean_std([(r["routing"] or {}).get("mi_soft_bits") for r in rows]),
             "masking": masking_means(rows), "runs": rows}
+
+
+def _binding_means(rows: list[dict]) -> dict | None:
+    """Mean +- std over seeds of the runs' binding stages (steps, held-out answer loss, seconds) and
+    how many reached the target; None without a binding stage."""
+    stages = [r["training"].get("binding") for r in rows]
+    stages = [b for b in stages if b]
+    if not stages:
+        return None
+    return {"runs": len(stages), "reached": sum(b["reached"] for b in stages), "target": stages[0]["target"],
+            **{key: mean_std([b[key] for b in stages]) for key in ("steps", "val_loss", "seconds")}}
 
 
 def verdict(a: dict, b: dict, metric: str) -> dict:
