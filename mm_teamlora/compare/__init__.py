@@ -16,7 +16,11 @@ Phases (each run skipped when its output is already there; see "Resuming"):
    `mm-teamlora train --nproc N` (`train.launch`; in this process when nproc is 1). Each run gets
    `seed=S` (data order, dropout, and the adapter's initialisation through `adapter.seed`) and
    `optim.max_minutes=null`: the same optimizer steps (the base run's schedule) for everyone,
-   never a time budget;
+   never a time budget. With `binding_steps` each run first trains its own binding stage, the main
+   job's (`demo.binding_stage_overrides`: the binding mixture, e.g. the demo's binding.yaml, at a
+   constant rate until the answer loss on `binding_val` held-out records falls to the target, at
+   most `binding_steps`), with the run's adapter and seed, and its steps continue from that stage's
+   checkpoint: every method then learns the task from the same footing, answering by letter;
 4. evaluation, only once every run has trained: every run's final checkpoint on the eval TSV
    (likelihood, CircularEval), and the routing report (JS divergence and mutual information of
    router probabilities between image and text tokens) of the routed methods;
@@ -26,7 +30,7 @@ Phases (each run skipped when its output is already there; see "Resuming"):
    differences lie inside the seed spread is said for each).
 
 Layout: OUT/compare_config.yaml, OUT/plan.json, OUT/runs/<label>-a<multiplier>-s<seed>/
-{settings.json, sittings.json, train/, eval/, routing/, val/} (a grid run at the chosen multiplier
+{settings.json, sittings.json, binding/, train/, eval/, routing/, val/} (a grid run at the chosen multiplier
 is the main run of its method's first seed: the same folder, trained once), OUT/compare.json,
 OUT/compare.md, OUT/compare.png.
 

@@ -1,5 +1,6 @@
 """Training one run of the comparison in its folder: settings.json (a folder made with other settings
-is refused), resuming or restarting, sittings.json, and the training figures of a finished run."""
+is refused), its binding stage when the comparison has one, resuming or restarting each stage,
+sittings.json, and the training figures of a finished run."""
 
 from __future__ import annotations
 
