@@ -158,7 +158,7 @@ def _train(config: DemoConfig, overrides: list[str], run_dir: str) -> str:
     return checkpoint
 
 
-def binding_held_out(records_json: str) -> int:
+def _binding_held_out(records_json: str) -> int:
     """Binding records to hold out for the stage's stop rule: BINDING_VAL, or a quarter of a small set."""
     with open(records_json, encoding="utf-8") as f:
         return min(BINDING_VAL, len(json.load(f)) // 4)
@@ -183,7 +183,7 @@ def _binding_overrides(config: DemoConfig, info: dict, stage_dir: str) -> list[s
     demo still trains on the pictures). The user's overrides come first, so they reach the stage's
     model, adapter and seed but not the stage's own data, rate, schedule, cap, minutes or stop rule
     (`--binding-steps` sets the cap)."""
-    return [*config.overrides, *binding_stage_overrides(info["binding_config"], binding_held_out(info["binding"]),
+    return [*config.overrides, *binding_stage_overrides(info["binding_config"], _binding_held_out(info["binding"]),
                                                         config.binding_steps, stage_dir, config.minutes / 3)]
 
 

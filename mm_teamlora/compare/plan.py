@@ -45,13 +45,13 @@ class RunSpec:
         return [*self._adapter_and_seed(config), *start, "optim.max_minutes=null",
                 f"output_dir={os.path.abspath(self.train_dir)}"]
 
-    def binding_overrides(self, config: CompareConfig, data_config: str) -> list[str]:
+    def binding_overrides(self, config: CompareConfig) -> list[str]:
         """The run's binding stage (`demo.binding_stage_overrides`: constant rate, stop rule, no
-        time budget): the same model, adapter and seed as the run, on `data_config`."""
+        time budget): the same model, adapter and seed as the run, on the comparison's binding data."""
         from ..demo import binding_stage_overrides
 
         return [*self._adapter_and_seed(config),
-                *binding_stage_overrides(data_config, config.binding_val, config.binding_steps,
+                *binding_stage_overrides(config.binding_path, config.binding_val, config.binding_steps,
                                          os.path.abspath(self.binding_dir))]
 
     @property

@@ -38,7 +38,7 @@ def train_run(config: CompareConfig, spec: RunSpec) -> bool:
     from ..train import RunConfig
 
     overrides = spec.overrides(config)
-    binding = spec.binding_overrides(config, config.binding_path) if config.binding_steps else None
+    binding = spec.binding_overrides(config) if config.binding_steps else None
     settings_path = os.path.join(spec.folder, "settings.json")
     settings = {"spec": {k: v for k, v in dataclasses.asdict(spec).items() if k != "folder"},
                 "run": fingerprint(RunConfig.from_yaml(config.base_run, overrides)),
