@@ -50,7 +50,7 @@ def demo(overrides: list[str], minutes: float = DEFAULT_MINUTES, method: str = "
     return 0
 
 
-def compare(config: str, overrides: list[str], out: str = "", nproc: int = 0) -> int:
+def compare(config: str, overrides: list[str], out: str = "", nproc: int = 0, status: bool = False) -> int:
     """Compare TeamLoRA with LoRA, MoELoRA and HydraLoRA at matched trainable parameters; write compare.json/.md.
 
     CONFIG is a comparison YAML (data_configs/compare/demo.yaml is the demo's short form): a base run,
@@ -58,14 +58,22 @@ def compare(config: str, overrides: list[str], out: str = "", nproc: int = 0) ->
     ablations. Every run trains the same optimizer steps through `train`, then every final
     checkpoint is evaluated (likelihood, CircularEval). A rerun continues: finished runs are never
     trained again. Trailing KEY=VALUE words override the YAML's keys (e.g. seeds=[0,1,2]
-    eval_limit=50); --out and --nproc override `out` and `nproc`. Exits 1 when a run fails, 2 on
-    unusable arguments."""
-    from .compare import CompareConfig, CompareError, format_table, run_compare
+    eval_limit=50); --out and --nproc override `out` and `nproc`. --status prints how far the
+    comparison in `out` has got (each run's stage and steps, the grid's choices, the training time
+    left) and trains nothing. Exits 1 when a run fails, 2 on unusable arguments."""
+    from .compare import CompareConfig, CompareError, compare_progress, format_progress, format_table, run_compare
     from .train import RunConfigError
     from .train.progress import setup_logging
 
-    setup_logging()
     extra = [f"out={out}"] * bool(out) + [f"nproc={nproc}"] * bool(nproc)
+    if status:
+        try:
+            progress = compare_progress(CompareConfig.from_yaml(config, [*(overrides or []), *extra]))
+        except (RunConfigError, ValueError, FileNotFoundError) as e:
+            return _failure(e)
+        print(format_progress(progress, config))
+        return 0
+    setup_logging()
     try:
         result = run_compare(CompareConfig.from_yaml(config, [*(overrides or []), *extra]))
     except CompareError as e:

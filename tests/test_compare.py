@@ -11,8 +11,8 @@ import yaml
 from conftest import write_tiny_run
 from mm_teamlora.adapters import AdapterConfig
 from mm_teamlora.adapters.matching import parameter_count
-from mm_teamlora.compare import (CompareConfig, CompareConfigError, CompareError, format_table, is_finished,
-                                 run_compare, verdict)
+from mm_teamlora.compare import (CompareConfig, CompareConfigError, CompareError, compare_progress, format_table,
+                                 is_finished, run_compare, verdict)
 from mm_teamlora.data.demo import build_demo_data
 from test_data_demo import fake_assets
 
@@ -319,6 +319,60 @@ def test_an_unfinished_run_resumes_and_an_empty_one_restarts(tmp_path, demo_data
     assert result.trained == ["lora-a1-s0"] and result.summary["methods"]["lora"]["steps"] == [2]
     sittings = json.load(open(os.path.join(config.out, "runs", "lora-a1-s0", "sittings.json")))
     assert [s["resumed"] for s in sittings] == [False, True]
+
+
+def test_status_says_how_far_a_comparison_has_got_from_its_folder_alone(tmp_path, demo_data, monkeypatch, capsys):
+    """`compare --status`: each run's stage and steps, the grid's scores and choice once its runs are
+    scored, the main runs that wait for it, what is evaluated; it trains and evaluates nothing."""
+    import mm_teamlora.train as train_module
+    from mm_teamlora.cli import main
+
+    config = compare_config(tmp_path, demo_data, methods=["lora"], base_run=tiny_run(tmp_path, method="lora", r=4),
+                            seeds=[0, 1], alpha_grid=[0.5, 1.0], eval_limit=2, val_limit=2)
+    path = tmp_path / "compare.yaml"
+    path.write_text(config.to_yaml())
+    assert compare_progress(config).plan == "missing"
+
+    calls, real = [], train_module.train
+
+    def stop_the_second_run_early(run, resume=None, overwrite=False):
+        calls.append(run.output_dir)
+        if len(calls) == 2:  # lora-a1-s0: one step, saved, then "killed"
+            run.optim.max_minutes = 1e-9
+        return real(run, resume=resume, overwrite=overwrite)
+
+    monkeypatch.setattr(train_module, "train", stop_the_second_run_early)
+    with pytest.raises(CompareError, match="lora-a1-s0"):
+        run_compare(config)
+    progress = compare_progress(config)
+    rows = {r.name: r for r in progress.runs}
+    assert list(rows) == ["lora-a0.5-s0", "lora-a1-s0", "lora-a?-s1"]
+    assert (rows["lora-a0.5-s0"].state, rows["lora-a0.5-s0"].step, rows["lora-a0.5-s0"].total) == ("finished", 2, 2)
+    assert rows["lora-a0.5-s0"].val_loss > 0 and rows["lora-a0.5-s0"].wall_seconds > 0
+    assert (rows["lora-a1-s0"].state, rows["lora-a1-s0"].step, rows["lora-a1-s0"].total) == ("training", 1, 2)
+    assert rows["lora-a1-s0"].val_loss is None and rows["lora-a?-s1"].state == "waits for the grid"
+    assert progress.chosen == {} and progress.finished == 1 and progress.training_seconds_left > 0
+
+    monkeypatch.setattr(train_module, "train", real)
+    result = run_compare(config)
+    chosen = result.summary["alpha_grid"]["chosen"]["lora"]
+    def refuse(*args, **kwargs):
+        raise AssertionError("the status trained or loaded a model")
+
+    import mm_teamlora.model as model_module
+
+    monkeypatch.setattr(train_module, "train", refuse)
+    monkeypatch.setattr(model_module.MultimodalLM, "from_pretrained", refuse)
+    progress = compare_progress(config)
+    assert progress.chosen == {"lora": chosen} and progress.finished == len(progress.runs) == 3
+    main_run = f"lora-a{chosen:g}-s0"
+    assert {r.name: r.kind for r in progress.runs}[main_run] == "grid, main"
+    assert [r.name for r in progress.runs if r.evaluated] == sorted([main_run, f"lora-a{chosen:g}-s1"])
+    assert progress.training_seconds_left == 0
+    assert main(["compare", str(path), "--status"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 of 3 runs trained, 2 evaluated" in printed and f"alpha grid chose: lora x{chosen:g}" in printed
+    assert "waits for the grid" not in printed and main_run in printed
 
 
 def test_each_run_trains_from_its_own_binding_stage(tmp_path, monkeypatch):

@@ -57,7 +57,8 @@ Modules, one phase or one idea each: `config` (CompareConfig, its checks and YAM
 errors), `plan` (matched ranks and alphas, plan.json, the runs and their folders), `runs` (training one
 run: settings, resuming, sittings), `evaluation` (the grid's validation score, the final evaluation),
 `summary` (compare.json's content and the seed-spread verdicts), `report` (compare.json, compare.md,
-compare.png), `recipe` (`run_compare` and the table the CLI prints). This package re-exports what the
+compare.png), `recipe` (`run_compare` and the table the CLI prints), `progress` (how far a comparison
+has got, from its folder alone: `mm-teamlora compare --status`). This package re-exports what the
 CLI and the tests use.
 """
 
@@ -65,12 +66,14 @@ from .config import (ABLATIONS, ALPHA_POLICIES, METHODS, PATH_KEYS, REPO_ROOT, R
                      CompareConfigError, CompareError)
 from .evaluation import answer_loss, evaluate_run, score_on_val
 from .plan import PLAN_VERSION, RunSpec, plan
+from .progress import CompareProgress, RunProgress, compare_progress, format_progress
 from .recipe import CompareResult, format_table, run_compare
 from .report import format_markdown, plot, write_reports
 from .runs import is_finished, train_run, training_figures
 from .summary import summarise, verdict
 
 __all__ = ["ABLATIONS", "ALPHA_POLICIES", "METHODS", "PATH_KEYS", "PLAN_VERSION", "REPO_ROOT", "ROUTED",
-           "CompareConfig", "CompareConfigError", "CompareError", "CompareResult", "RunSpec", "answer_loss",
-           "evaluate_run", "format_markdown", "format_table", "is_finished", "plan", "plot", "run_compare",
+           "CompareConfig", "CompareConfigError", "CompareError", "CompareProgress", "CompareResult", "RunProgress",
+           "RunSpec", "answer_loss", "compare_progress", "evaluate_run", "format_markdown", "format_progress",
+           "format_table", "is_finished", "plan", "plot", "run_compare",
            "score_on_val", "summarise", "train_run", "training_figures", "verdict", "write_reports"]

@@ -58,19 +58,32 @@ def score_on_val(config: CompareConfig, spec: RunSpec) -> dict:
     from ..model import MultimodalLM
     from ..train.checkpoint import latest
 
-    checkpoint = latest(spec.train_dir)
-    stamp = {**_checkpoint_stamp(checkpoint), "data": os.path.abspath(config.val_path), "limit": config.val_limit}
-    path = os.path.join(spec.folder, "val_score.json")
-    saved = read_json(path)
-    if saved and saved.get("stamp") == stamp:
+    saved = saved_val_score(config, spec)
+    if saved is not None:
         return saved
+    checkpoint = latest(spec.train_dir)
     logger.info("== val %s on %s", spec.name, config.val_path)
     result = _evaluate(MultimodalLM.from_pretrained(checkpoint), config.val_path, os.path.join(spec.folder, "val"),
                        config.val_limit, False, checkpoint)
     loss, n = answer_loss(result.log, config.val_path)
-    out = {"stamp": stamp, "answer_loss": loss, "questions": n, "vanilla": result.report["overall"]["vanilla"]}
-    atomic_write_text(path, json.dumps(out, indent=1) + "\n")
+    out = {"stamp": _val_stamp(config, checkpoint), "answer_loss": loss, "questions": n,
+           "vanilla": result.report["overall"]["vanilla"]}
+    atomic_write_text(os.path.join(spec.folder, "val_score.json"), json.dumps(out, indent=1) + "\n")
     return out
+
+
+def _val_stamp(config: CompareConfig, checkpoint: str) -> dict:
+    return {**_checkpoint_stamp(checkpoint), "data": os.path.abspath(config.val_path), "limit": config.val_limit}
+
+
+def saved_val_score(config: CompareConfig, spec: RunSpec) -> dict | None:
+    """The run's grid score in val_score.json when it was made from its final checkpoint with these
+    validation settings (None otherwise: not scored yet, or scored from another checkpoint)."""
+    from ..train.checkpoint import latest
+
+    checkpoint = latest(spec.train_dir)
+    saved = read_json(os.path.join(spec.folder, "val_score.json"))
+    return saved if checkpoint and saved and saved.get("stamp") == _val_stamp(config, checkpoint) else None
 
 
 def evaluate_run(config: CompareConfig, spec: RunSpec) -> dict:
@@ -80,12 +93,8 @@ def evaluate_run(config: CompareConfig, spec: RunSpec) -> dict:
 
     checkpoint = latest(spec.train_dir)
     routed = spec.method in ROUTED
-    stamp = {**_checkpoint_stamp(checkpoint), "data": os.path.abspath(config.eval_path), "limit": config.eval_limit,
-             "routing_samples": config.routing_samples if routed else None}
-    path = os.path.join(spec.folder, "eval_done.json")
-    saved = read_json(path)
     eval_dir, routing_dir = os.path.join(spec.folder, "eval"), os.path.join(spec.folder, "routing")
-    if saved and saved.get("stamp") == stamp and os.path.isfile(os.path.join(eval_dir, "report.json")):
+    if is_evaluated(config, spec):
         routing = read_json(os.path.join(routing_dir, "routing.json")) if routed else None
         if routed:
             routing["ablation"] = masking_test(config, spec, checkpoint, routing)
@@ -99,10 +108,26 @@ def evaluate_run(config: CompareConfig, spec: RunSpec) -> dict:
 
         routing = inspect_routing(model, config.eval_path, routing_dir, max_samples=_routing_samples(config),
                                   plots=False, model_name=checkpoint)
-    atomic_write_text(path, json.dumps({"stamp": stamp}, indent=1) + "\n")
+    atomic_write_text(os.path.join(spec.folder, "eval_done.json"),
+                      json.dumps({"stamp": _eval_stamp(config, spec, checkpoint)}, indent=1) + "\n")
     if routed:
         routing["ablation"] = masking_test(config, spec, checkpoint, routing, model)
     return {"report": report, "routing": routing}
+
+
+def _eval_stamp(config: CompareConfig, spec: RunSpec, checkpoint: str) -> dict:
+    return {**_checkpoint_stamp(checkpoint), "data": os.path.abspath(config.eval_path), "limit": config.eval_limit,
+            "routing_samples": config.routing_samples if spec.method in ROUTED else None}
+
+
+def is_evaluated(config: CompareConfig, spec: RunSpec) -> bool:
+    """The run's eval report (eval_done.json) was made from its final checkpoint with these eval settings."""
+    from ..train.checkpoint import latest
+
+    checkpoint = latest(spec.train_dir)
+    saved = read_json(os.path.join(spec.folder, "eval_done.json"))
+    return bool(checkpoint and saved and saved.get("stamp") == _eval_stamp(config, spec, checkpoint)
+                and os.path.isfile(os.path.join(spec.folder, "eval", "report.json")))
 
 
 def _routing_samples(config: CompareConfig) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -117,15 +118,10 @@ def plan(config: CompareConfig) -> dict:
     if base.stage != "finetune":
         raise CompareConfigError(f"compare config: base_run: stage {base.stage!r}; the comparison fine-tunes adapters")
     ref = base.adapter
-    key = {"version": PLAN_VERSION, "base": fingerprint(base), "methods": config.methods,
-           "ablations": config.ablations, "alpha_policy": config.alpha_policy}
-    path = os.path.join(config.out, "plan.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        if saved.get("key") == key:
-            logger.info("plan: reusing %s", path)
-            return saved
+    saved = saved_plan(config)
+    if saved is not None:
+        logger.info("plan: reusing %s", os.path.join(config.out, "plan.json"))
+        return saved
     model_cfg, checkpoint = model_config(base)
     model = MultimodalLM.from_config(model_cfg) if checkpoint is None else MultimodalLM.from_pretrained(checkpoint)
     if adapter_layers(model.language_model):
@@ -165,12 +161,29 @@ def plan(config: CompareConfig) -> dict:
     reference = entries[ref.method]["adapter_parameters"]
     for entry in entries.values():
         entry["vs_reference"] = entry["adapter_parameters"] / reference
-    result = {"key": key, "reference": ref.method, "reference_adapter_parameters": reference,
+    result = {"key": _plan_key(config), "reference": ref.method, "reference_adapter_parameters": reference,
               "reference_gain": gain, "layers": len(shapes), "entries": entries,
               "base_run": os.path.abspath(config.base_run)}
     os.makedirs(config.out, exist_ok=True)
-    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    atomic_write_text(os.path.join(config.out, "plan.json"), json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _plan_key(config: CompareConfig) -> dict:
+    from ..train import RunConfig
+
+    return {"version": PLAN_VERSION, "base": fingerprint(RunConfig.from_yaml(config.base_run, config.run_overrides)),
+            "methods": config.methods, "ablations": config.ablations, "alpha_policy": config.alpha_policy}
+
+
+def saved_plan(config: CompareConfig) -> dict | None:
+    """The plan.json in `out` when it was made for this config (base run, methods, ablations, alpha policy)."""
+    path = os.path.join(config.out, "plan.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    return saved if saved.get("key") == _plan_key(config) else None
 
 
 def run_spec(config: CompareConfig, the_plan: dict, label: str, kind: str, seed: int, multiplier: float) -> RunSpec:
@@ -181,3 +194,25 @@ def run_spec(config: CompareConfig, the_plan: dict, label: str, kind: str, seed:
                    multiplier=multiplier, adapter_extra=entry["extra"])
     spec.folder = os.path.join(config.out, "runs", name)
     return spec
+
+
+def grid_runs(config: CompareConfig, the_plan: dict) -> dict[str, list[RunSpec]]:
+    """The alpha grid, in training order: each method at each multiplier, at the first seed."""
+    return {m: [run_spec(config, the_plan, m, "grid", config.seeds[0], a) for a in config.alpha_grid]
+            for m in (config.methods if config.alpha_grid else [])}
+
+
+def choose_multiplier(scores: list[dict]) -> dict:
+    """The grid score with the lowest answer loss; a tie goes to the multiplier closest to 1."""
+    return min(scores, key=lambda g: (g["answer_loss"], abs(math.log(g["multiplier"]))))
+
+
+def later_runs(config: CompareConfig, the_plan: dict, chosen: dict[str, float]) -> tuple[list[RunSpec], list[RunSpec]]:
+    """The main runs (method x seed, at the method's chosen multiplier; the grid run at that
+    multiplier is the first seed's) and the ablations (first seed, at their method's multiplier),
+    in training order."""
+    main = [run_spec(config, the_plan, m, "main", s, chosen[m]) for m in config.methods for s in config.seeds]
+    ablations = [run_spec(config, the_plan, name, "ablation", config.seeds[0],
+                          chosen.get(the_plan["entries"][name]["method"], 1.0)) for name in config.ablations]
+    return main, ablations
+

@@ -4,14 +4,13 @@ run, then, once all have trained, the evaluation and the reports."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 
 from ..files import atomic_write_text
 from .config import ROUTED, CompareConfig, CompareConfigError
 from .evaluation import evaluate_run, score_on_val
-from .plan import plan, run_spec
+from .plan import choose_multiplier, grid_runs, later_runs, plan
 from .report import pm, ratio, signed, write_reports
 from .runs import train_run, training_figures
 from .summary import summarise
@@ -45,32 +44,25 @@ def run_compare(config: CompareConfig) -> CompareResult:
     the_plan = plan(config)
     _check_masking(config, the_plan)
     trained: list[str] = []
-    first = config.seeds[0]
 
     # alpha grid: every method at every multiplier, first seed, scored on the validation TSV
     chosen = {m: 1.0 for m in config.methods}
     grid: dict[str, list[dict]] = {}
-    for method in config.methods if config.alpha_grid else []:
-        for multiplier in config.alpha_grid:
-            spec = run_spec(config, the_plan, method, "grid", first, multiplier)
+    for method, specs in grid_runs(config, the_plan).items():
+        for spec in specs:
             if train_run(config, spec):
                 trained.append(spec.name)
             score = score_on_val(config, spec)
-            grid.setdefault(method, []).append({"multiplier": multiplier, "alpha": spec.alpha, "run": spec.name,
+            grid.setdefault(method, []).append({"multiplier": spec.multiplier, "alpha": spec.alpha, "run": spec.name,
                                                 "answer_loss": score["answer_loss"], "val_questions": score["questions"],
                                                 "val_vanilla": score["vanilla"]})
-        best = min(grid[method], key=lambda g: (g["answer_loss"], abs(math.log(g["multiplier"]))))
+        best = choose_multiplier(grid[method])
         chosen[method] = best["multiplier"]
         logger.info("alpha grid: %s takes alpha %g (x%g), answer loss %.4f on %d validation questions", method,
                     best["alpha"], best["multiplier"], best["answer_loss"], best["val_questions"])
 
     # the grid run at the chosen multiplier is the first seed's main run: the same name and folder
-    main = [run_spec(config, the_plan, m, "main", s, chosen[m]) for m in config.methods for s in config.seeds]
-    ablations = []
-    for name in config.ablations:
-        source = the_plan["entries"][name]["method"]
-        spec = run_spec(config, the_plan, name, "ablation", first, chosen.get(source, 1.0))
-        ablations.append(spec)
+    main, ablations = later_runs(config, the_plan, chosen)
     for spec in [*main, *ablations]:
         if train_run(config, spec):
             trained.append(spec.name)
