@@ -335,40 +335,106 @@ def test_a_fitted_schedule_keeps_its_warm_up_ends_its_decay_at_the_new_length_an
     assert restored.lr_lambdas[0].total == 40 and restored.lr_lambdas[0].fitted
 
 
-def test_fit_to_minutes_ends_a_time_bounded_run_with_its_decay_done_and_resume_keeps_the_fitted_length(tmp_path):
-    run = run_config(tmp_path, optim={"max_steps": 5000, "max_minutes": 0.1, "fit_to_minutes": True,
-                                      "warmup_ratio": 0.001, "grad_accum": 1})
-    result = train(run)
-    assert 10 < result.total_steps < 5000  # fitted to the 6 seconds
+class VirtualClock:
+    """The training loop's `time.perf_counter` (run.py, loop.py) on a clock that moves only when a
+    test moves it: a time-bounded run then ends at the same step whatever the machine's load."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    from types import SimpleNamespace
+
+    from mm_teamlora.train import loop
+    from mm_teamlora.train import run as run_module
+
+    virtual = VirtualClock()
+    for module in (run_module, loop):
+        monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=virtual))
+    return virtual
+
+
+def steps_cost(monkeypatch, clock, seconds) -> None:
+    """Each training step moves the clock by seconds(n), n counting the steps from 1."""
+    from mm_teamlora.train import run as run_module
+
+    step, done = run_module.train_step, [0]
+
+    def timed(*args, **kwargs):
+        done[0] += 1
+        clock.now += seconds(done[0])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_step", timed)
+
+
+def fitted_ends(caplog) -> list[int]:
+    fits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit_to_minutes: the schedule now")]
+    assert fits and "(planned 5000)" in fits[0] and all("(was " in f for f in fits[1:])
+    return [int(f.split("ends at step ")[1].split()[0]) for f in fits]
+
+
+def last_lr(run) -> float:
+    return [r["lr"]["adapters"] for r in read_metrics(os.path.join(run.output_dir, "metrics.jsonl")) if "lr" in r][-1]
+
+
+FITTED = {"max_steps": 5000, "fit_to_minutes": True, "warmup_ratio": 0.001, "grad_accum": 1}
+
+
+def test_fit_to_minutes_ends_a_time_bounded_run_with_its_decay_done_and_resume_keeps_the_fitted_length(
+        tmp_path, clock, monkeypatch, caplog):
+    steps_cost(monkeypatch, clock, lambda n: 0.05)
+    run = run_config(tmp_path, optim={**FITTED, "max_minutes": 0.1})
+    with caplog.at_level("INFO", logger="mm_teamlora.train.run"):
+        result = train(run)
+    # fitted once, after 10 measured steps: 95% of the 5.45 s left at 0.05 s a step; a steady pace refits nothing
+    assert fitted_ends(caplog) == [11 + 103] and result.total_steps == 114 and result.finished
     state = json.load(open(os.path.join(run.output_dir, "run_state.json")))
     assert state["planned_steps"] == 5000 and state["total_steps"] == result.total_steps
-    lrs = [r["lr"]["adapters"] for r in read_metrics(os.path.join(run.output_dir, "metrics.jsonl")) if "lr" in r]
-    assert max(lrs) == pytest.approx(1e-2)
-    # done with the decay: finished on the schedule, or cut by max_minutes within its last tenth
-    assert lrs[-1] < 0.03 * 1e-2 if result.finished else lrs[-1] < 0.1 * 1e-2
+    assert last_lr(run) < 0.03 * 1e-2  # the decay is done
     again = train(RunConfig.from_dict(run.to_dict(), overrides=["optim.max_minutes=5"]), resume="auto")
     assert again.total_steps == result.total_steps and again.finished  # the fitted length, not 5000
 
 
-def test_saves_after_the_fit_shorten_the_schedule_again_so_the_run_still_ends_its_decay(tmp_path, caplog,
+def test_saves_after_the_fit_shorten_the_schedule_again_so_the_run_still_ends_its_decay(tmp_path, clock, caplog,
                                                                                          monkeypatch):
     # the first fit (after 10 steps) has seen no save; each save after it costs 0.4 s here, which
     # raises the sitting's seconds per step past the fit's 5% margin, so the schedule is refitted
     from mm_teamlora.train import checkpoint
 
-    save = checkpoint.save
-    monkeypatch.setattr(checkpoint, "save", lambda *a, **k: (time.sleep(0.4), save(*a, **k))[1])
-    run = run_config(tmp_path, optim={"max_steps": 5000, "max_minutes": 0.15, "fit_to_minutes": True,
-                                      "warmup_ratio": 0.001, "grad_accum": 1}, save_steps=15)
+    def slow_save(*args, save=checkpoint.save, **kwargs):
+        clock.now += 0.4
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", slow_save)
+    steps_cost(monkeypatch, clock, lambda n: 0.05)
+    run = run_config(tmp_path, optim={**FITTED, "max_minutes": 0.15}, save_steps=15)
     with caplog.at_level("INFO", logger="mm_teamlora.train.run"):
         result = train(run)
-    fits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fit_to_minutes: the schedule now")]
-    assert "(planned 5000)" in fits[0] and len(fits) >= 2 and all("(was " in f for f in fits[1:])
-    ends = [int(f.split("ends at step ")[1].split()[0]) for f in fits]
-    assert ends == sorted(ends, reverse=True) and ends[-1] == result.total_steps  # refits only shorten
-    lrs = [r["lr"]["adapters"] for r in read_metrics(os.path.join(run.output_dir, "metrics.jsonl")) if "lr" in r]
-    assert lrs[-1] < 0.03 * 1e-2 if result.finished else lrs[-1] < 0.1 * 1e-2
+    ends = fitted_ends(caplog)
+    assert len(ends) >= 2 and ends == sorted(ends, reverse=True) and ends[-1] == result.total_steps  # only shorten
+    assert result.finished and last_lr(run) < 0.03 * 1e-2
     MultimodalLM.from_pretrained(result.checkpoint)  # the slowed saves are whole
+
+
+def test_a_machine_that_slows_down_after_the_fit_gets_the_schedule_shortened_in_time(tmp_path, clock, caplog,
+                                                                                    monkeypatch):
+    # from step 26 each step takes 3x as long (another job on the machine): the fit made at step 11 no
+    # longer fits, and the refits every 10 steps, reading the latest steps' pace, shorten the schedule
+    # so the run still ends its decay within max_minutes (without them it would stop halfway down)
+    steps_cost(monkeypatch, clock, lambda n: 0.05 if n <= 25 else 0.15)
+    run = run_config(tmp_path, optim={**FITTED, "max_minutes": 0.1})
+    with caplog.at_level("INFO", logger="mm_teamlora.train.run"):
+        result = train(run)
+    ends = fitted_ends(caplog)
+    assert ends[0] == 114 and ends == sorted(ends, reverse=True) and ends[-1] == result.total_steps
+    assert result.total_steps < 0.6 * 114 and result.finished and last_lr(run) < 0.03 * 1e-2
+    assert clock.now <= 6.0
 
 
 def test_stop_at_val_loss_ends_the_run_finished_at_the_first_validation_that_reaches_it(tmp_path):

@@ -105,8 +105,9 @@ class OptimConfig:
     step, validation and saving included, and shortens the schedule to the steps that fit in what is
     left of `max_minutes` (x FIT_MARGIN; never longer than planned), so a time-bounded run ends with
     its decay done instead of being cut in the middle of it. After each later save or validation of
-    that sitting it measures again and may shorten the schedule further (never lengthen it). The
-    fitted length is saved with the checkpoint. One optimizer step = `grad_accum` micro-batches of
+    that sitting, and every FIT_AFTER_STEPS steps, it measures again (the larger of the sitting's pace
+    and its latest steps' pace, so a machine that slows down is seen in time) and may shorten the
+    schedule further (never lengthen it, nor shorten it by under 2% of the steps left). The fitted length is saved with the checkpoint. One optimizer step = `grad_accum` micro-batches of
     `micro_batch_size` on every rank: global batch = micro_batch_size x grad_accum x ranks."""
 
     lr: float = 2e-4

@@ -17,6 +17,7 @@ tb/, loss_curve.png, checkpoint-*/ (see checkpoint.py), latest, run_state.json.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -44,8 +45,9 @@ from .metrics import MetricsLog, format_routing, plot_loss_curve
 logger = logging.getLogger(__name__)
 RUN_STATE, RUN_CONFIG = "run_state.json", "run_config.yaml"
 KILL_AT_STEP = "MM_TEAMLORA_TEST_KILL_AT_STEP"  # tests: SIGKILL this process after that step
-# optim.fit_to_minutes: steps measured before fitting (past the warm-up), and the share of the time
-# left that the fitted steps may fill (validations not yet seen in the measurement need the rest)
+# optim.fit_to_minutes: steps measured before fitting (past the warm-up; also the refits' interval and
+# the recent window they read), and the share of the time left that the fitted steps may fill
+# (validations not yet seen in the measurement need the rest)
 FIT_AFTER_STEPS, FIT_MARGIN = 10, 0.95
 
 
@@ -199,9 +201,12 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
            step: int, total: int, rank: int, world: int, state: dict, cache, scheduler) -> RunResult:
     gas, o = run.optim.grad_accum, run.optim
     # The first fit comes after the warm-up; in the sitting that made it, each save or validation after
-    # it may shorten the schedule again (never lengthen it), as its cost joins the seconds per step.
+    # it, and every FIT_AFTER_STEPS steps, may shorten the schedule again (never lengthen it): a save's
+    # cost joins the seconds per step, and a machine that slows down (another job, throttling) shows
+    # in the recent steps' pace before it shows in the sitting's mean.
     fitting = o.fit_to_minutes and not scheduler.lr_lambdas[0].fitted  # this sitting fits the schedule
     fit_pending, refit_due = fitting, False
+    recent = collections.deque(maxlen=FIT_AFTER_STEPS)  # training seconds of the latest steps
     first_step, first_done = step, None
     kill_at = int(os.environ.get(KILL_AT_STEP, "0"))
     batches = iter(stream)
@@ -223,10 +228,11 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
             now = time.perf_counter()
             elapsed = now - started
             first_done = first_done or now
-            fitted = _fitted_total(o, scheduler, step, total, elapsed, now - first_done, step - first_step - 1) \
-                if fit_pending or refit_due else 0
-            if refit_due and fitted >= total:
-                fitted = 0
+            refit_due = refit_due or (fitting and not fit_pending and (step - first_step) % FIT_AFTER_STEPS == 0)
+            fitted = _fitted_total(o, scheduler, step, total, elapsed, now - first_done, step - first_step - 1,
+                                   recent) if fit_pending or refit_due else 0
+            if refit_due and fitted > total - max(1, (total - step) // 50):
+                fitted = 0  # refits only shorten, and not for a change within 2% of the steps left
             stats.flags = [float(o.max_minutes is not None and elapsed >= o.max_minutes * 60),
                            float(run.save_minutes is not None and now - last_save >= run.save_minutes * 60),
                            float(fitted)]
@@ -239,6 +245,7 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
         if cache is not None:
             _count_cache(cached, stats, micro[-1]["epoch"], step, rank)
         seconds = timer.lap()
+        recent.append(seconds)
         window["tokens"] += stats.tokens
         window["seconds"] += seconds
         sitting_tokens += stats.tokens
@@ -297,12 +304,15 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
                      train_loss, val_loss, sitting_tokens / max(train_seconds, 1e-9), train_seconds)
 
 
-def _fitted_total(o, scheduler, step: int, total: int, elapsed: float, measured: float, measured_steps: int) -> int:
-    """Rank 0's fitted schedule length at this step (0: not measured enough yet): this sitting's
-    seconds per step since its first step, into what is left of max_minutes."""
+def _fitted_total(o, scheduler, step: int, total: int, elapsed: float, measured: float, measured_steps: int,
+                  recent: collections.deque) -> int:
+    """Rank 0's fitted schedule length at this step (0: not measured enough yet): what is left of
+    max_minutes over the seconds per step, the larger of this sitting's mean since its first step
+    (saves and validations included) and the mean of its latest FIT_AFTER_STEPS training steps."""
     if measured_steps < FIT_AFTER_STEPS or step < scheduler.lr_lambdas[0].warmup or measured <= 0:
         return 0
-    steps_left = math.floor((o.max_minutes * 60 - elapsed) / (measured / measured_steps) * FIT_MARGIN)
+    pace = max(measured / measured_steps, sum(recent) / len(recent) if len(recent) == recent.maxlen else 0.0)
+    steps_left = math.floor((o.max_minutes * 60 - elapsed) / pace * FIT_MARGIN)
     return max(step + 1, min(total, step + steps_left))
 
 
