@@ -297,21 +297,28 @@ def test_two_methods_one_seed_end_to_end_then_a_rerun_trains_nothing(tmp_path, d
         run_compare(changed)
 
 
-def test_an_unfinished_run_resumes_and_an_empty_one_restarts(tmp_path, demo_data, monkeypatch):
-    """A run stopped after a checkpoint continues with --resume auto; a folder without one starts over."""
+def stop_a_sitting_early(monkeypatch, n: int) -> list[tuple]:
+    """The n-th training sitting stops after one step, saved, as a killed one would; the returned
+    list gets every sitting's (resume, overwrite)."""
     import mm_teamlora.train as train_module
 
-    config = compare_config(tmp_path, demo_data, methods=["lora"], base_run=tiny_run(tmp_path, method="lora", r=4),
-                            eval_limit=2)
     calls, real = [], train_module.train
 
-    def stop_early(run, resume=None, overwrite=False):
+    def train(run, resume=None, overwrite=False):
         calls.append((resume, overwrite))
-        if len(calls) == 1:  # the first sitting: one step, saved, then "killed"
+        if len(calls) == n:
             run.optim.max_minutes = 1e-9
         return real(run, resume=resume, overwrite=overwrite)
 
-    monkeypatch.setattr(train_module, "train", stop_early)
+    monkeypatch.setattr(train_module, "train", train)
+    return calls
+
+
+def test_an_unfinished_run_resumes_and_an_empty_one_restarts(tmp_path, demo_data, monkeypatch):
+    """A run stopped after a checkpoint continues with --resume auto; a folder without one starts over."""
+    config = compare_config(tmp_path, demo_data, methods=["lora"], base_run=tiny_run(tmp_path, method="lora", r=4),
+                            eval_limit=2)
+    calls = stop_a_sitting_early(monkeypatch, 1)
     with pytest.raises(CompareError, match="before its last step"):
         run_compare(config)
     result = run_compare(config)
@@ -324,6 +331,7 @@ def test_an_unfinished_run_resumes_and_an_empty_one_restarts(tmp_path, demo_data
 def test_status_says_how_far_a_comparison_has_got_from_its_folder_alone(tmp_path, demo_data, monkeypatch, capsys):
     """`compare --status`: each run's stage and steps, the grid's scores and choice once its runs are
     scored, the main runs that wait for it, what is evaluated; it trains and evaluates nothing."""
+    import mm_teamlora.model as model_module
     import mm_teamlora.train as train_module
     from mm_teamlora.cli import main
 
@@ -333,15 +341,7 @@ def test_status_says_how_far_a_comparison_has_got_from_its_folder_alone(tmp_path
     path.write_text(config.to_yaml())
     assert compare_progress(config).plan == "missing"
 
-    calls, real = [], train_module.train
-
-    def stop_the_second_run_early(run, resume=None, overwrite=False):
-        calls.append(run.output_dir)
-        if len(calls) == 2:  # lora-a1-s0: one step, saved, then "killed"
-            run.optim.max_minutes = 1e-9
-        return real(run, resume=resume, overwrite=overwrite)
-
-    monkeypatch.setattr(train_module, "train", stop_the_second_run_early)
+    stop_a_sitting_early(monkeypatch, 2)  # the second grid run, lora-a1-s0
     with pytest.raises(CompareError, match="lora-a1-s0"):
         run_compare(config)
     progress = compare_progress(config)
@@ -353,13 +353,12 @@ def test_status_says_how_far_a_comparison_has_got_from_its_folder_alone(tmp_path
     assert rows["lora-a1-s0"].val_loss is None and rows["lora-a?-s1"].state == "waits for the grid"
     assert progress.chosen == {} and progress.finished == 1 and progress.training_seconds_left > 0
 
-    monkeypatch.setattr(train_module, "train", real)
+    monkeypatch.undo()
     result = run_compare(config)
     chosen = result.summary["alpha_grid"]["chosen"]["lora"]
+
     def refuse(*args, **kwargs):
         raise AssertionError("the status trained or loaded a model")
-
-    import mm_teamlora.model as model_module
 
     monkeypatch.setattr(train_module, "train", refuse)
     monkeypatch.setattr(model_module.MultimodalLM, "from_pretrained", refuse)
@@ -367,7 +366,7 @@ def test_status_says_how_far_a_comparison_has_got_from_its_folder_alone(tmp_path
     assert progress.chosen == {"lora": chosen} and progress.finished == len(progress.runs) == 3
     main_run = f"lora-a{chosen:g}-s0"
     assert {r.name: r.kind for r in progress.runs}[main_run] == "grid, main"
-    assert [r.name for r in progress.runs if r.evaluated] == sorted([main_run, f"lora-a{chosen:g}-s1"])
+    assert [r.name for r in progress.runs if r.evaluated] == [main_run, f"lora-a{chosen:g}-s1"]
     assert progress.training_seconds_left == 0
     assert main(["compare", str(path), "--status"]) == 0
     printed = capsys.readouterr().out
