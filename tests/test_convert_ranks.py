@@ -6,7 +6,6 @@ rank 1 as a folder of tokenizer files marked complete. `save_hf_model` writes fr
 
 import json
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from mm_teamlora.model.convert import save_hf_model
+from mm_teamlora.train.engine import free_port
 
 
 def _tiny_lm() -> LlamaForCausalLM:
@@ -33,14 +33,8 @@ def _save_on_rank(rank: int, world: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_every_rank_writes_a_loadable_folder(tmp_path):
-    mp.spawn(_save_on_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_save_on_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     reference = _tiny_lm()
     ids = torch.tensor([[1, 5, 9, 3]])
     for rank in (0, 1):

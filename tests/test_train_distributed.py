@@ -93,10 +93,18 @@ def test_zero3_two_ranks_one_text_only_trains_saves_whole_tensors_and_resumes(se
     assert set(live) == {k for k, v in saved.items() if isinstance(v, torch.nn.Parameter)}
     assert all(torch.equal(saved[k], live[k]) for k in live)
 
-    # killed (the whole launch, SIGKILL) after step 3, resumed from step 2 by `mm-teamlora train --nproc 2`
-    killed = _torchrun(root, env, root / "z3_killed", "--overwrite", MM_TEAMLORA_TEST_KILL_AT_STEP="3")
+    # the same run under `mm-teamlora train --nproc 2` (DeepSpeed's launcher) killed (the whole launch,
+    # SIGKILL) after step 3, then resumed from step 2: the same losses and tensors. DeepSpeed's CPU
+    # allreduce segments in /dev/shm (never unlinked by DeepSpeed) are gone with the killed ranks.
+    port = 29450 + os.getpid() % 200
+    killed = _run([sys.executable, "-m", "mm_teamlora.cli", "train", str(root / "run.yaml"),
+                   f"output_dir={root / 'z3_killed'}", "--overwrite", "--nproc", "2"], env,
+                  MM_TEAMLORA_TEST_KILL_AT_STEP="3", MASTER_PORT=str(port))
     assert killed.returncode != 0
     assert [os.path.basename(c) for c in checkpoints(root / "z3_killed")] == ["checkpoint-000002"]
+    assert "deepspeed_shm_comm_op" in killed.stdout + killed.stderr  # the CPU allreduce was in use
+    segments = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_"
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith(segments)]
     resumed = _run([sys.executable, "-m", "mm_teamlora.cli", "train", str(root / "run.yaml"),
                     f"output_dir={root / 'z3_killed'}", "--resume", "auto", "--nproc", "2"], env)
     assert resumed.returncode == 0, resumed.stderr[-4000:]

@@ -260,13 +260,43 @@ def init_distributed() -> tuple[int, int]:
         timeout = timedelta(seconds=float(os.environ.get("MM_TEAMLORA_DIST_TIMEOUT", DEFAULT_DIST_TIMEOUT_S)))
         alone = {}
         if "RANK" not in os.environ:  # a group of one; no MASTER_PORT left for child processes to trip on
-            alone = {"init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0, "world_size": 1}
+            alone = {"init_method": f"tcp://127.0.0.1:{free_port()}", "rank": 0, "world_size": 1}
             os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it is set
         deepspeed.init_distributed(dist_backend=_backend(), timeout=timeout, verbose=False, auto_mpi_discovery=False,
                                    **alone)
+        _unlink_shm_segment()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+# DeepSpeed's CPU allreduce (its shm comm op, used when every rank of a launch is on this node:
+# LOCAL_SIZE == world size) makes a /dev/shm segment per rank and never unlinks it: ~66 MB of RAM
+# per rank per launch, held until reboot. deepspeed.init_distributed returns once this rank has
+# mapped every rank's segment; after a barrier every rank has, so the names can go, and the memory
+# is freed when the last rank exits, killed or not.
+SHM_SEGMENT = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_segment() -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    world = torch.distributed.get_world_size()
+    if get_accelerator().device_name() != "cpu" or os.environ.get("LOCAL_SIZE") != str(world):
+        return
+    torch.distributed.barrier()
+    path = SHM_SEGMENT.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                              port=os.environ.get("MASTER_PORT", ""), rank=torch.distributed.get_rank())
+    if os.path.exists(path):
+        os.unlink(path)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _backend() -> str:
@@ -274,14 +304,6 @@ def _backend() -> str:
 
     name = get_accelerator().communication_backend_name()
     return name if name in ("nccl", "gloo", "hccl", "xccl") else "gloo"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def device() -> torch.device:

@@ -9,22 +9,16 @@ GPUs of this node or, without any, on N CPU ranks (gloo).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 from .config import RunConfig
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(config_path: str, overrides: list[str], nproc: int, resume: str | None = None,
            overwrite: bool = False) -> int:
     """Check the run for `nproc` ranks, then train it under DeepSpeed's launcher; its exit code."""
+    from .engine import free_port
     from .run import preflight
 
     if nproc < 2:
@@ -39,7 +33,7 @@ def launch(config_path: str, overrides: list[str], nproc: int, resume: str | Non
         # sets 1, and a run should not change with the launcher)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", env.get("MASTER_PORT", str(_free_port())), "--module", "mm_teamlora.train",
+               "--master_port", env.get("MASTER_PORT", str(free_port())), "--module", "mm_teamlora.train",
                os.path.abspath(config_path), *overrides]
     command += ["--resume", resume] if resume else []
     command += ["--overwrite"] if overwrite else []
