@@ -123,7 +123,7 @@ def format_progress(progress: CompareProgress, config_path: str = "COMPARE.yaml"
     runs = progress.runs
     evaluated = sum(r.evaluated for r in runs)
     lines = [f"comparison in {progress.out}: {progress.finished} of {len(runs)} runs trained, {evaluated} evaluated "
-             "(the evaluation starts once every run has trained)"]
+             "(it evaluates once every run has trained, reusing what was evaluated from the same checkpoint)"]
     lines.append(f"  {'run':24} {'kind':16} {'state':20} {'steps':>9} {'val loss':>9} {'minutes':>8}  evaluated")
     for r in runs:
         steps = f"{r.step}/{r.total or '?'}" if r.step is not None else "-"
