@@ -40,10 +40,16 @@ class CompareProgress:
         return sum(r.state == "finished" for r in self.runs)
 
     @property
+    def seconds_per_run(self) -> float | None:
+        """The finished runs' mean wall time (None before one has finished)."""
+        done = [r.wall_seconds for r in self.runs if r.state == "finished" and r.wall_seconds > 0]
+        return sum(done) / len(done) if done else None
+
+    @property
     def training_seconds_left(self) -> float | None:
         """The unfinished runs at the finished runs' mean wall time (None before one has finished)."""
-        done = [r.wall_seconds for r in self.runs if r.state == "finished" and r.wall_seconds > 0]
-        return (len(self.runs) - self.finished) * sum(done) / len(done) if done else None
+        per_run = self.seconds_per_run
+        return (len(self.runs) - self.finished) * per_run if per_run is not None else None
 
 
 def compare_progress(config: CompareConfig) -> CompareProgress:
@@ -135,7 +141,6 @@ def format_progress(progress: CompareProgress, config_path: str = "COMPARE.yaml"
         lines.append("alpha grid chose: " + ", ".join(f"{m} x{a:g}" for m, a in progress.chosen.items()))
     left = progress.training_seconds_left
     if left is not None and progress.finished < len(runs):
-        done = [r.wall_seconds for r in runs if r.state == "finished" and r.wall_seconds > 0]
         lines.append(f"about {left / 3600:.1f} h of training left: {len(runs) - progress.finished} run(s) at the "
-                     f"finished runs' {sum(done) / len(done) / 60:.0f} min each (evaluation not counted)")
+                     f"finished runs' {progress.seconds_per_run / 60:.0f} min each (evaluation not counted)")
     return "\n".join(lines)
