@@ -13,6 +13,7 @@ from mm_teamlora.adapters import AdapterConfig
 from mm_teamlora.adapters.matching import parameter_count
 from mm_teamlora.compare import (CompareConfig, CompareConfigError, CompareError, compare_progress, format_table,
                                  is_finished, run_compare, verdict)
+from mm_teamlora.compare.report import verdict_line
 from mm_teamlora.data.demo import build_demo_data
 from test_data_demo import fake_assets
 
@@ -197,6 +198,27 @@ def test_differences_inside_the_seed_spread_are_called_so():
     assert verdict(method(0.5, ci=(0.3, 0.7)), method(0.3, ci=(0.2, 0.4)), "vanilla")["inside"]
 
 
+def test_the_speed_claim_gets_a_seed_spread_verdict_and_none_from_one_seed():
+    def method(*rates):
+        mean = sum(rates) / len(rates)
+        std = (sum((v - mean) ** 2 for v in rates) / (len(rates) - 1)) ** 0.5 if len(rates) > 1 else None
+        return {"tokens_per_s": {"mean": mean, "std": std}, "runs": [{"vanilla_ci95": [0.2, 0.4]}]}
+
+    # 10% faster, but one run's time spreads widely: a difference the seeds do not support
+    noisy = verdict(method(220, 180, 260), method(200, 160, 240), "tokens_per_s")
+    assert noisy["inside"] and noisy["relative"] == pytest.approx(0.1) and noisy["spread"] == pytest.approx(80)
+    assert verdict_line("teamlora", "moelora", "tokens_per_s", noisy) == (
+        "- teamlora vs moelora, tokens/s: +20 tokens/s (+10.0%), INSIDE the seed spread (± 80): "
+        "not a difference this comparison can claim")
+    steady = verdict(method(220, 221, 219), method(200, 201, 199), "tokens_per_s")
+    assert not steady["inside"]
+    assert verdict_line("teamlora", "moelora", "tokens_per_s", steady).endswith("outside the seed spread (± 2)")
+    # one seed: no interval stands in for a rate, so no claim either way
+    single = verdict(method(220), method(200), "tokens_per_s")
+    assert single["inside"] is None and single["delta"] == pytest.approx(20)
+    assert "one seed: no spread measured, so not a difference" in verdict_line("a", "b", "tokens_per_s", single)
+
+
 def test_the_checked_in_short_form_reads():
     config = CompareConfig.from_yaml(os.path.join(REPO, "data_configs", "compare", "demo.yaml"))
     assert config.seeds == [0] and not config.alpha_grid and not config.ablations
@@ -266,7 +288,9 @@ def test_two_methods_one_seed_end_to_end_then_a_rerun_trains_nothing(tmp_path, d
     assert methods["lora"]["routing_js_bits"]["mean"] is None
     assert 0 < summary["chance"] < 1 and summary["comparisons"]["teamlora_vs_lora"]["vanilla"]["basis"].startswith(
         "one seed")
+    assert summary["comparisons"]["teamlora_vs_lora"]["tokens_per_s"]["inside"] is None  # one seed: no speed claim
     md = open(result.paths["md"]).read()
+    assert "- teamlora vs lora, tokens/s: " in md
     for needle in ("| lora |", "| teamlora |", f"{target:,}", "chance", "one seed: no seed spread measured",
                    "## By category", "No alpha grid was run", "No ablations were run", "causal masking"):
         assert needle in md, needle

@@ -113,7 +113,7 @@ def format_markdown(summary: dict) -> str:
     for key, verdicts in summary["comparisons"].items():
         ref, other = key.split("_vs_")
         for metric, v in verdicts.items():
-            lines.append(_verdict_line(ref, other, metric, v))
+            lines.append(verdict_line(ref, other, metric, v))
     if not summary["comparisons"]:
         lines.append(f"- the reference ({summary['reference']}) is not among the methods: no comparison made")
     categories = sorted({cat for a in methods.values() for cat in a["by_category"]})
@@ -146,7 +146,7 @@ def format_markdown(summary: dict) -> str:
         lines.append("")
         for name, a in summary["ablations"].items():
             for metric, v in (a.get("verdict") or {}).items():
-                lines.append(_verdict_line(name, a["against"], metric, v))
+                lines.append(verdict_line(name, a["against"], metric, v))
     else:
         lines += ["", "No ablations were run."]
     lines += masking_lines({**summary["methods"], **summary["ablations"]})
@@ -234,11 +234,21 @@ def _masking_words(name: str, masks: dict, random_std: float | None = None) -> s
     return f"- {name}, Δ img - Δ text against the random control: " + "; ".join(parts)
 
 
-def _verdict_line(a: str, b: str, metric: str, v: dict) -> str:
+def verdict_line(a: str, b: str, metric: str, v: dict) -> str:
+    """One plain-words line of `verdict`'s answer: accuracy in points, tokens/s in tokens/s and %."""
+    speed = metric == "tokens_per_s"
+    name = "tokens/s" if speed else f"{metric} accuracy"
     if v["delta"] is None:
-        return f"- {a} vs {b}, {metric}: not measured"
+        return f"- {a} vs {b}, {name}: not measured"
+    if speed:
+        size = f"{v['delta']:+.0f} tokens/s" + (f" ({100 * v['relative']:+.1f}%)" if v.get("relative") is not None else "")
+        spread = f" (± {v['spread']:.0f})" if "spread" in v else ""
+    else:
+        size = f"{100 * v['delta']:+.1f} points"
+        spread = f" (± {100 * v['spread']:.1f})" if "spread" in v else ""
+    if v["inside"] is None:
+        return f"- {a} vs {b}, {name}: {size}, one seed: no spread measured, so not a difference this comparison can claim"
     where = "INSIDE" if v["inside"] else "outside"
-    return (f"- {a} vs {b}, {metric} accuracy: {100 * v['delta']:+.1f} points, {where} the "
-            f"{'seed spread' if v['basis'] == 'seed spread' else 'single runs’ 95% intervals'}"
-            + (f" (± {100 * v['spread']:.1f})" if "spread" in v else " (one seed: no seed spread measured)")
+    basis = "seed spread" if v["basis"] == "seed spread" else "single runs’ 95% intervals"
+    return (f"- {a} vs {b}, {name}: {size}, {where} the {basis}" + (spread or " (one seed: no seed spread measured)")
             + (": not a difference this comparison can claim" if v["inside"] else ""))

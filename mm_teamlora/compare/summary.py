@@ -11,6 +11,10 @@ from .config import CompareConfig
 from .plan import RunSpec
 
 
+# what the reference is compared with every other method on: accuracy, and the paper's speed claim
+VERDICT_METRICS = ("vanilla", "circular", "tokens_per_s")
+
+
 def mean_std(values: list[float | None]) -> dict:
     values = [v for v in values if v is not None]
     if not values:
@@ -106,18 +110,22 @@ def _binding_means(rows: list[dict]) -> dict | None:
 
 def verdict(a: dict, b: dict, metric: str) -> dict:
     """Whether `a`'s and `b`'s `metric` differ by more than their seed spread. With 2+ seeds each:
-    outside when |mean_a - mean_b| > std_a + std_b. With one seed there is no spread: the Wilson
-    95% intervals of the single runs stand in (outside when they do not overlap)."""
+    outside when |mean_a - mean_b| > std_a + std_b. With one seed there is no spread: for accuracy
+    the Wilson 95% intervals of the single runs stand in (outside when they do not overlap); a
+    metric without intervals (tokens/s) gets no verdict (`inside` None)."""
     ma, mb = a[metric]["mean"], b[metric]["mean"]
     if ma is None or mb is None:
         return {"delta": None, "inside": None, "basis": "not measured"}
     delta = ma - mb
+    found = {"delta": delta, "relative": delta / mb if mb else None}
     if a[metric]["std"] is not None and b[metric]["std"] is not None:
         spread = a[metric]["std"] + b[metric]["std"]
-        return {"delta": delta, "inside": abs(delta) <= spread, "basis": "seed spread", "spread": spread}
+        return {**found, "inside": abs(delta) <= spread, "basis": "seed spread", "spread": spread}
+    if f"{metric}_ci95" not in a["runs"][0]:
+        return {**found, "inside": None, "basis": "one seed: no spread measured"}
     ca, cb = a["runs"][0][f"{metric}_ci95"], b["runs"][0][f"{metric}_ci95"]
     overlap = ca[0] <= cb[1] and cb[0] <= ca[1]
-    return {"delta": delta, "inside": overlap, "basis": "one seed: Wilson 95% intervals (no seed spread measured)"}
+    return {**found, "inside": overlap, "basis": "one seed: Wilson 95% intervals (no seed spread measured)"}
 
 
 def summarise(config: CompareConfig, the_plan: dict, main: list[RunSpec], ablations: list[RunSpec], results: dict,
@@ -139,7 +147,7 @@ def summarise(config: CompareConfig, the_plan: dict, main: list[RunSpec], ablati
         for method, agg in methods.items():
             if method != reference:
                 comparisons[f"{reference}_vs_{method}"] = {
-                    m: verdict(methods[reference], agg, m) for m in ("vanilla", "circular")}
+                    m: verdict(methods[reference], agg, m) for m in VERDICT_METRICS}
     ablation_rows = {}
     for spec in ablations:
         agg = _aggregate(spec.label, [_run_row(results[spec.name])], the_plan["entries"][spec.label])
