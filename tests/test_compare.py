@@ -14,6 +14,7 @@ from mm_teamlora.adapters.matching import parameter_count
 from mm_teamlora.compare import (CompareConfig, CompareConfigError, CompareError, compare_progress, format_table,
                                  is_finished, run_compare, verdict)
 from mm_teamlora.compare.report import verdict_line
+from mm_teamlora.compare.summary import mean_std
 from mm_teamlora.data.demo import build_demo_data
 from test_data_demo import fake_assets
 
@@ -200,9 +201,7 @@ def test_differences_inside_the_seed_spread_are_called_so():
 
 def test_the_speed_claim_gets_a_seed_spread_verdict_and_none_from_one_seed():
     def method(*rates):
-        mean = sum(rates) / len(rates)
-        std = (sum((v - mean) ** 2 for v in rates) / (len(rates) - 1)) ** 0.5 if len(rates) > 1 else None
-        return {"tokens_per_s": {"mean": mean, "std": std}, "runs": [{"vanilla_ci95": [0.2, 0.4]}]}
+        return {"tokens_per_s": mean_std(list(rates)), "runs": [{"vanilla_ci95": [0.2, 0.4]}]}
 
     # 10% faster, but one run's time spreads widely: a difference the seeds do not support
     noisy = verdict(method(220, 180, 260), method(200, 160, 240), "tokens_per_s")

@@ -241,13 +241,16 @@ def verdict_line(a: str, b: str, metric: str, v: dict) -> str:
     if v["delta"] is None:
         return f"- {a} vs {b}, {name}: not measured"
     if speed:
-        size = f"{v['delta']:+.0f} tokens/s" + (f" ({100 * v['relative']:+.1f}%)" if v.get("relative") is not None else "")
+        size = f"{v['delta']:+.0f} tokens/s"
+        if v.get("relative") is not None:
+            size += f" ({100 * v['relative']:+.1f}%)"
         spread = f" (± {v['spread']:.0f})" if "spread" in v else ""
     else:
         size = f"{100 * v['delta']:+.1f} points"
         spread = f" (± {100 * v['spread']:.1f})" if "spread" in v else ""
     if v["inside"] is None:
-        return f"- {a} vs {b}, {name}: {size}, one seed: no spread measured, so not a difference this comparison can claim"
+        return (f"- {a} vs {b}, {name}: {size}, one seed: no spread measured, so not a difference this "
+                "comparison can claim")
     where = "INSIDE" if v["inside"] else "outside"
     basis = "seed spread" if v["basis"] == "seed spread" else "single runs’ 95% intervals"
     return (f"- {a} vs {b}, {name}: {size}, {where} the {basis}" + (spread or " (one seed: no seed spread measured)")
