@@ -130,12 +130,13 @@ def format_progress(progress: CompareProgress, config_path: str = "COMPARE.yaml"
     evaluated = sum(r.evaluated for r in runs)
     lines = [f"comparison in {progress.out}: {progress.finished} of {len(runs)} runs trained, {evaluated} evaluated "
              "(it evaluates once every run has trained, reusing what was evaluated from the same checkpoint)"]
-    lines.append(f"  {'run':24} {'kind':16} {'state':20} {'steps':>9} {'val loss':>9} {'minutes':>8}  evaluated")
+    width = max([24, *(len(r.name) for r in runs)])  # an ablation's name can outgrow the usual column
+    lines.append(f"  {'run':{width}} {'kind':16} {'state':20} {'steps':>9} {'val loss':>9} {'minutes':>8}  evaluated")
     for r in runs:
         steps = f"{r.step}/{r.total or '?'}" if r.step is not None else "-"
         loss = f"{r.val_loss:.4f}" if r.val_loss is not None else "-"
         minutes = f"{r.wall_seconds / 60:.1f}" if r.wall_seconds else "-"
-        lines.append(f"  {r.name:24} {r.kind:16} {r.state:20} {steps:>9} {loss:>9} {minutes:>8}  "
+        lines.append(f"  {r.name:{width}} {r.kind:16} {r.state:20} {steps:>9} {loss:>9} {minutes:>8}  "
                      f"{'yes' if r.evaluated else '-'}")
     if progress.chosen:
         lines.append("alpha grid chose: " + ", ".join(f"{m} x{a:g}" for m, a in progress.chosen.items()))
