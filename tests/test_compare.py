@@ -351,6 +351,27 @@ def test_an_unfinished_run_resumes_and_an_empty_one_restarts(tmp_path, demo_data
     assert [s["resumed"] for s in sittings] == [False, True]
 
 
+def test_a_sitting_the_comparison_died_with_still_counts_in_the_run_time_and_tokens(tmp_path, demo_data,
+                                                                                     monkeypatch):
+    """Killing the comparison kills the sitting and the process that would have recorded it in
+    sittings.json; the run's training time and tokens come from its checkpoints, which carry them
+    from sitting to sitting."""
+    config = compare_config(tmp_path, demo_data, methods=["lora"], base_run=tiny_run(tmp_path, method="lora", r=4),
+                            eval_limit=2)
+    stop_a_sitting_early(monkeypatch, 1)
+    with pytest.raises(CompareError, match="before its last step"):
+        run_compare(config)
+    folder = os.path.join(config.out, "runs", "lora-a1-s0")
+    first = json.load(open(os.path.join(folder, "train", "run_state.json")))
+    os.remove(os.path.join(folder, "sittings.json"))  # what a kill of the whole comparison leaves
+    result = run_compare(config)
+    second = json.load(open(os.path.join(folder, "train", "run_state.json")))
+    training = result.summary["methods"]["lora"]["runs"][0]["training"]
+    assert (first["step"], second["step"], training["sittings"]) == (1, 2, 1)
+    assert training["tokens"] == first["sitting_tokens"] + second["sitting_tokens"] == second["run_tokens"]
+    assert training["train_seconds"] == pytest.approx(first["sitting_seconds"] + second["sitting_seconds"], abs=0.1)
+
+
 def test_status_says_how_far_a_comparison_has_got_from_its_folder_alone(tmp_path, demo_data, monkeypatch, capsys):
     """`compare --status`: each run's stage and steps, the grid's scores and choice once its runs are
     scored, the main runs that wait for it, what is evaluated; it trains and evaluates nothing."""

@@ -501,6 +501,12 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_losses_and_tensors(tmp_pa
 
     # the same float32 operations in the same order: equal to the last bit (tolerance 0)
     assert losses("killed") == losses("full") and len(losses("full")) == 6
+    # the killed sitting's steps up to its save count in the run's time and tokens, though it
+    # ended before it could say so: the checkpoint it left carried them to the next sitting
+    full_state, killed_state = (json.load(open(tmp_path / run / "run_state.json")) for run in ("full", "killed"))
+    assert killed_state["run_tokens"] == full_state["run_tokens"] == full_state["sitting_tokens"] > 0
+    assert killed_state["sitting_tokens"] < killed_state["run_tokens"]
+    assert killed_state["run_seconds"] > killed_state["sitting_seconds"] > 0
     a = MultimodalLM.from_pretrained(str(tmp_path / "full" / "checkpoint-000006")).checkpoint_state_dict()
     b = MultimodalLM.from_pretrained(str(tmp_path / "killed" / "checkpoint-000006")).checkpoint_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

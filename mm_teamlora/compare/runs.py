@@ -110,8 +110,10 @@ def training_figures(spec: RunSpec) -> dict:
     peaks = [r["peak_mem_mb"] for r in records if r.get("peak_mem_mb") is not None]
     sittings = read_json(os.path.join(spec.folder, "sittings.json"), [])
     main = [s for s in sittings if s.get("stage", "train") == "train"]
-    seconds = sum(s["train_seconds"] for s in main)
-    tokens = sum(s["tokens"] for s in main)
+    if state.get("run_seconds") is not None:  # every sitting up to the last save, killed ones too
+        seconds, tokens = state["run_seconds"], state["run_tokens"]
+    else:  # a run trained before checkpoints carried the sum: the sittings its launches recorded
+        seconds, tokens = sum(s["train_seconds"] for s in main), sum(s["tokens"] for s in main)
     binding = None
     if latest(spec.binding_dir):
         from ..demo import binding_result
@@ -121,7 +123,7 @@ def training_figures(spec: RunSpec) -> dict:
     return {"steps": state["step"], "total_steps": state["total_steps"], "val_loss": state.get("val_loss"),
             "train_loss": state.get("train_loss"),
             "train_seconds": round(seconds, 1),  # the training loops' time, validation and saves included
-            "wall_seconds": round(sum(s["wall_seconds"] for s in main), 1),  # launches: start-up too
+            "wall_seconds": round(sum(s["wall_seconds"] for s in main), 1),  # recorded launches: start-up too
             "sittings": len(main),
-            "tokens_per_s": tokens / seconds if seconds > 0 else None,  # all ranks
+            "tokens": tokens, "tokens_per_s": tokens / seconds if seconds > 0 else None,  # all ranks
             "peak_mem_mb": max(peaks) if peaks else None, "binding": binding}

@@ -213,6 +213,10 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
     started = last_save = time.perf_counter()
     window = {"tokens": 0, "seconds": 0.0}
     sitting_tokens, timer = 0, Timer()
+    # the run's training time and tokens over every sitting up to each save: a sitting killed after
+    # its last save leaves no record of its own, but the checkpoint it left carries the sum onwards
+    # (None once a run resumes from a checkpoint made before this record existed)
+    carried = (0.0, 0) if step == 0 else (state.get("run_seconds"), state.get("run_tokens"))
     train_loss, val_loss = state.get("train_loss"), state.get("val_loss")
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="train", unit="step", dynamic_ncols=True)
     stopped = reached = False  # by max_minutes / by stop_at_val_loss
@@ -274,11 +278,13 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
         if last or reached or (run.save_steps and step % run.save_steps == 0) or stats.flags[1]:
             finished = step == total or reached
             stopped_by = "stop_at_val_loss" if reached else "max_minutes" if stopped and step < total else None
+            sitting_seconds = round(time.perf_counter() - started, 2)
+            run_totals = ({"run_seconds": None, "run_tokens": None} if carried[0] is None else
+                          {"run_seconds": round(carried[0] + sitting_seconds, 2), "run_tokens": carried[1] + sitting_tokens})
             trainer_state = {"step": step, "total_steps": total, "planned_steps": scheduler.lr_lambdas[0].planned,
                              "finished": finished, "stopped_by": stopped_by,
                              "sampler": stream.state_dict(), "train_loss": train_loss, "val_loss": val_loss,
-                             "seed": run.seed, "world_size": world,
-                             "sitting_seconds": round(time.perf_counter() - started, 2)}
+                             "seed": run.seed, "world_size": world, "sitting_seconds": sitting_seconds, **run_totals}
             folder = checkpoint.save(engine, engine.module, run.output_dir, step, trainer_state, run.save_total_limit)
             last_save = time.perf_counter()
             refit_due = fitting and not fit_pending
@@ -287,7 +293,7 @@ def _steps(run: RunConfig, engine, stream: BatchStream, val_view, collator, sour
                     {"finished": finished, "stopped_by": stopped_by, "step": step, "total_steps": total,
                      "planned_steps": trainer_state["planned_steps"],
                      "checkpoint": os.path.basename(folder), "sitting_tokens": sitting_tokens,
-                     "sitting_seconds": round(time.perf_counter() - started, 2)}, indent=1) + "\n")
+                     "sitting_seconds": sitting_seconds, **run_totals}, indent=1) + "\n")
                 bar.write(f"saved {folder}")
         if kill_at and step == kill_at:
             os.killpg(os.getpgid(0), 9)  # the whole launch: launcher and every rank
